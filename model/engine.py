@@ -1,0 +1,155 @@
+"""The inference engine: validated request in, base64 JPEG out. It knows nothing about HTTP."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+from model.encode import to_base64_jpeg
+from model.prompts import encode_prompts
+from model.resolutions import Resolution, ResolutionRegistry
+from model.schema import MAX_SEED, SCHNELL_GUIDANCE, GenerateRequest, GenerateResponse
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """A request that parsed but that this deployment cannot serve; the adapter answers 400."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds per phase of the last generation (GPU work is synchronized only when `sync` is on)."""
+
+    text_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    encode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything that determines the image; equal jobs give identical bytes."""
+
+    prompt: str
+    prompt2: str | None
+    resolution: Resolution
+    seed: int
+    steps: int
+    max_tokens: int
+    text_length: int
+
+
+class FluxEngine:
+    def __init__(self, pipe: FluxPipeline, resolutions: ResolutionRegistry, text_lengths: Iterable[int]) -> None:
+        self.pipe = pipe
+        self.resolutions = resolutions
+        self.text_lengths = tuple(sorted(set(text_lengths)))
+        self.sync = False  # benchmarks set it to time GPU phases
+        self.last_times = PhaseTimes()
+        # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
+        self._lock = threading.Lock()
+
+    def job_for(self, request: GenerateRequest) -> Job:
+        """Apply the deployment's rules to a parsed request, raising InvalidRequest for what it cannot serve."""
+        resolution = Resolution(request.width, request.height) if self._valid_sides(request) else None
+        if resolution is None or resolution not in self.resolutions:
+            raise InvalidRequest(
+                "width/height",
+                f"{request.width}x{request.height} is not served; served sizes (width x height): {self.resolutions}",
+            )
+        fitting = [n for n in self.text_lengths if n >= request.max_sequence_length]
+        if not fitting:
+            raise InvalidRequest("max_sequence_length", f"must be at most {self.text_lengths[-1]} on this deployment")
+        if request.guidance_scale != SCHNELL_GUIDANCE:
+            log.warning(
+                "guidance_scale %s reset to %s: FLUX.1-schnell is guidance-distilled",
+                request.guidance_scale,
+                SCHNELL_GUIDANCE,
+            )
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return Job(
+            prompt=request.prompt,
+            prompt2=request.prompt2,
+            resolution=resolution,
+            seed=seed,
+            steps=request.num_inference_steps,
+            max_tokens=request.max_sequence_length,
+            text_length=fitting[0],
+        )
+
+    @staticmethod
+    def _valid_sides(request: GenerateRequest) -> bool:
+        try:
+            Resolution(request.width, request.height)
+        except ValueError:
+            return False
+        return True
+
+    def generate(self, request: GenerateRequest) -> GenerateResponse:
+        job = self.job_for(request)
+        image = self.run(job)
+        started = time.perf_counter()
+        data = to_base64_jpeg(image)
+        self.last_times.encode_s = time.perf_counter() - started
+        return GenerateResponse(data=data, seed=job.seed, width=job.resolution.width, height=job.resolution.height)
+
+    @torch.inference_mode()
+    def run(self, job: Job) -> Image.Image:
+        times = PhaseTimes()
+        pipe = self.pipe
+        with self._lock:
+            clock = self._clock()
+            embeds, pooled = encode_prompts(pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
+            times.text_s = clock()
+            # A CPU generator gives the same noise for a seed on every device.
+            generator = torch.Generator("cpu").manual_seed(job.seed)
+            latents = pipe(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                width=job.resolution.width,
+                height=job.resolution.height,
+                num_inference_steps=job.steps,
+                guidance_scale=SCHNELL_GUIDANCE,
+                generator=generator,
+                output_type="latent",
+                return_dict=False,
+            )[0]
+            times.denoise_s = clock()
+            image = self.decode(latents, job.resolution)
+            times.decode_s = clock()
+        self.last_times = times
+        return image
+
+    def decode(self, packed_latents: torch.Tensor, resolution: Resolution) -> Image.Image:
+        pipe = self.pipe
+        latents = pipe._unpack_latents(packed_latents, resolution.height, resolution.width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+
+    def _clock(self) -> Callable[[], float]:
+        """A lap timer: each call returns the seconds since the previous one."""
+        last = time.perf_counter()
+
+        def lap() -> float:
+            nonlocal last
+            if self.sync and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            elapsed, last = now - last, now
+            return elapsed
+
+        return lap

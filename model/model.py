@@ -1,0 +1,59 @@
+"""The Truss adapter: read config and secrets, wire the parts in load(), answer predict().
+
+No `from __future__ import annotations` here: Truss reads predict's annotations at run time to
+parse requests into GenerateRequest and publish the schema, and string annotations hide the type.
+"""
+
+import logging
+import shutil
+import subprocess
+from typing import Any
+
+from fastapi import HTTPException
+
+from model.engine import FluxEngine, InvalidRequest
+from model.pipeline import load_pipeline
+from model.schema import GenerateRequest, GenerateResponse
+from model.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Model:
+    def __init__(self, **kwargs: Any) -> None:
+        config = kwargs.get("config") or {}
+        self._settings = Settings.from_sources(config.get("model_metadata") or {})
+        self._hf_token = _optional_secret(kwargs.get("secrets"), "hf_access_token")
+        self._engine: FluxEngine | None = None
+
+    def load(self) -> None:
+        _log_gpu()
+        pipe = load_pipeline(self._settings, hf_token=self._hf_token)
+        self._engine = FluxEngine(pipe, self._settings.resolutions, self._settings.text_lengths)
+        log.info("serving %s at %s", self._settings.model_source, self._settings.resolutions)
+
+    def predict(self, request: GenerateRequest) -> GenerateResponse:
+        if self._engine is None:
+            raise RuntimeError("predict called before load")
+        try:
+            return self._engine.generate(request)
+        except InvalidRequest as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+
+
+def _optional_secret(secrets: Any, name: str) -> str | None:
+    """A secret's value, or None when unset: Truss raises SecretNotFound on any access to an unset one."""
+    if secrets is None:
+        return None
+    try:
+        return secrets[name] or None
+    except Exception:  # SecretNotFound lives in the server's package; any failure means "not set"
+        return None
+
+
+def _log_gpu() -> None:
+    if shutil.which("nvidia-smi") is None:
+        log.info("no nvidia-smi on this machine: running without a GPU")
+        return
+    result = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30, check=False)
+    log.info("nvidia-smi:\n%s", result.stdout or result.stderr)

@@ -1,0 +1,59 @@
+"""Builds the FluxPipeline from a weights mount, a HF repo id, a local path, or an offline architecture."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+
+from model.random_flux import build_random_pipeline
+from model.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# model_source values that build an architecture offline instead of reading weights.
+OFFLINE_SOURCES = {"tiny": "tiny", "full-random": "full"}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 is how FLUX.1 is served; CPU bf16 matmuls are slow and only the tiny model runs there.
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def describe_source(settings: Settings) -> str:
+    """Where the weights come from, for logs (never includes the token)."""
+    source = settings.model_source
+    if source in OFFLINE_SOURCES:
+        return f"offline architecture {OFFLINE_SOURCES[source]!r} with random weights"
+    if source == "hf":
+        if settings.weights_path and settings.weights_path.is_dir():
+            return f"weights mount {settings.weights_path}"
+        return f"Hugging Face repo {settings.repo_id}"
+    return f"local path {source}"
+
+
+def load_pipeline(settings: Settings, hf_token: str | None = None, device: str | None = None) -> FluxPipeline:
+    """Load the pipeline named by settings.model_source onto `device` (cuda when present)."""
+    device = device or default_device()
+    dtype = default_dtype(device)
+    source = settings.model_source
+    log.info("loading pipeline from %s on %s in %s", describe_source(settings), device, dtype)
+    if source in OFFLINE_SOURCES:
+        pipe = build_random_pipeline(OFFLINE_SOURCES[source], device=device, dtype=dtype)
+    else:
+        if source == "hf":
+            mounted = settings.weights_path is not None and settings.weights_path.is_dir()
+            location = str(settings.weights_path) if mounted else settings.repo_id
+        else:
+            if not Path(source).is_dir():
+                raise FileNotFoundError(f"model_source {source!r} is neither 'hf', an offline spec, nor a directory")
+            location = source
+        pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

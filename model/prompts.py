@@ -1,0 +1,38 @@
+"""Prompt encoding: CLIP's pooled vector and T5's token sequence.
+
+FLUX pads the T5 sequence to a fixed length, and that length is part of the transformer's
+input shape. The compiled graphs are static, so the sequence is always padded to one of the
+served text lengths, while the prompt itself is cut at the request's max_sequence_length tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers import FluxPipeline
+
+log = logging.getLogger(__name__)
+
+
+def t5_token_ids(pipe: FluxPipeline, text: str, max_tokens: int, padded_length: int) -> torch.Tensor:
+    """Token ids truncated at `max_tokens` (end-of-sequence included), padded to `padded_length`."""
+    tokenizer = pipe.tokenizer_2
+    ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+    full_length = len(tokenizer(text, truncation=False)["input_ids"])
+    if full_length > len(ids):
+        log.info("prompt truncated from %d to %d T5 tokens", full_length, len(ids))
+    ids = ids + [tokenizer.pad_token_id] * (padded_length - len(ids))
+    return torch.tensor([ids])
+
+
+@torch.inference_mode()
+def encode_prompts(
+    pipe: FluxPipeline, prompt: str, prompt2: str | None, max_tokens: int, padded_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (T5 sequence embeddings, CLIP pooled embeddings), as FluxPipeline expects them."""
+    device = pipe.transformer.device
+    pooled = pipe._get_clip_prompt_embeds(prompt=prompt, device=device)
+    ids = t5_token_ids(pipe, prompt2 if prompt2 is not None else prompt, max_tokens, padded_length)
+    sequence = pipe.text_encoder_2(ids.to(pipe.text_encoder_2.device), output_hidden_states=False)[0]
+    return sequence.to(device=device, dtype=pipe.transformer.dtype), pooled.to(pipe.transformer.dtype)

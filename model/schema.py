@@ -1,0 +1,83 @@
+"""The typed request and response: the one place that validates input.
+
+Truss parses the body into `GenerateRequest` before predict runs, so a wrong type, a missing or
+unknown field, or an out-of-range value is answered with HTTP 400 naming the field, and the
+schema is published at /v1/models/model/schema. Checks that depend on the deployment (the served
+sizes and text lengths) run in the engine, which knows them, and also answer 400.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Defaults of FLUX.1-schnell: timestep-distilled for 4 steps without classifier-free guidance.
+DEFAULT_SIDE = 1024
+DEFAULT_STEPS = 4
+MAX_STEPS = 16
+DEFAULT_MAX_SEQUENCE_LENGTH = 256
+MAX_SEQUENCE_LENGTH = 512  # T5's positional limit in FLUX.1
+SCHNELL_GUIDANCE = 0.0
+MAX_SEED = 2**32 - 1
+# Checked before tokenization, so a multi-megabyte prompt never reaches the tokenizer.
+MAX_PROMPT_CHARS = 4000
+
+
+class GenerateRequest(BaseModel):
+    """One text-to-image request. Unknown fields are rejected, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    prompt2: str | None = Field(
+        default=None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Prompt for the T5 encoder; the CLIP encoder always reads `prompt`. Defaults to `prompt`.",
+    )
+    width: int = Field(default=DEFAULT_SIDE, description="Must form a served size together with height.")
+    height: int = Field(default=DEFAULT_SIDE, description="Must form a served size together with width.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted; 0 is valid.")
+    guidance_scale: float = Field(
+        default=SCHNELL_GUIDANCE,
+        allow_inf_nan=False,
+        description="FLUX.1-schnell needs 0.0; any other value is reset to 0.0 with a warning.",
+    )
+    num_inference_steps: int = Field(default=DEFAULT_STEPS, ge=1, le=MAX_STEPS)
+    max_sequence_length: int = Field(
+        default=DEFAULT_MAX_SEQUENCE_LENGTH,
+        ge=1,
+        le=MAX_SEQUENCE_LENGTH,
+        description="T5 tokens kept from the prompt; longer prompts are truncated by tokens.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("width", "height", "seed", "num_inference_steps", "max_sequence_length", mode="before")
+    @classmethod
+    def _no_bool_or_fraction(cls, value: object) -> object:
+        # JSON true would otherwise pass as 1, and 1024.5 be rejected with a less clear message.
+        if isinstance(value, bool):
+            raise ValueError("must be an integer, not a boolean")
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise ValueError("must be an integer")
+        return value
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _no_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+class GenerateResponse(BaseModel):
+    data: str = Field(description="The image as a base64-encoded JPEG.")
+    seed: int = Field(description="The seed used; send it back to get the same image.")
+    width: int
+    height: int

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model.engine import FluxEngine
+from model.pipeline import load_pipeline
+from model.settings import Settings
+
+# Tests never reach the network: the hub libraries must fail fast instead of trying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """config.yaml's settings, on the embedded tiny model."""
+    return Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"})
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> FluxEngine:
+    return FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
+
+
+def decode_jpeg(data: str) -> Image.Image:
+    raw = base64.b64decode(data, validate=True)
+    image = Image.open(io.BytesIO(raw))
+    image.load()
+    assert image.format == "JPEG"
+    return image
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+class RunningServer:
+    """A Truss server process started from the generated build context."""
+
+    def __init__(self, port: int, log_path: Path) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.base = f"http://127.0.0.1:{port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(build_dir: Path, env: dict[str, str], ready_timeout_s: float = 600) -> Iterator[RunningServer]:
+    """Build the app, start it on a free port, yield once ready, and stop it afterwards."""
+    from tests import truss_server
+
+    app = truss_server.build_app(build_dir)
+    port = truss_server.free_port()
+    log_path = build_dir / "server.log"
+    process = truss_server.start(app, port, {"FLUX_MODEL_SOURCE": "tiny", **env}, log_path)
+    try:
+        if not truss_server.wait_ready(port, process, ready_timeout_s):
+            raise RuntimeError(f"server never became ready:\n{log_path.read_text(errors='replace')[-4000:]}")
+        yield RunningServer(port, log_path)
+    finally:
+        truss_server.stop(process)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from start_server(tmp_path_factory.mktemp("server"), {})

@@ -1,0 +1,83 @@
+"""config.yaml: valid for truss, the single source of pins and served sizes, and buildable offline."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+from truss.base.truss_config import TrussConfig
+
+from model.schema import GenerateRequest
+from model.settings import CONFIG_PATH, Settings
+from tests.truss_server import ROOT, build_app
+
+REQUIRED_PINS = {"torch", "diffusers", "transformers", "accelerate", "sentencepiece", "pillow", "b10-transfer"}
+
+
+def _config() -> dict:
+    return yaml.safe_load(CONFIG_PATH.read_text())
+
+
+def _pins(requirements: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in requirements:
+        name, _, version = re.split(r"(==|>=)", line)
+        pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_truss_validates_the_config() -> None:
+    TrussConfig.from_yaml(CONFIG_PATH).validate_forbid_extra()
+
+
+def test_config_carries_what_baseten_needs() -> None:
+    config = _config()
+    meta = config["model_metadata"]
+    assert meta["repo_id"] == "black-forest-labs/FLUX.1-schnell"
+    assert {"1024x1024", "1216x832", "896x1152"} <= set(meta["resolutions"])
+    assert meta["example_model_input"]["prompt"]
+    assert config["secrets"] == {"hf_access_token": None}
+    assert config["resources"]["accelerator"]
+    assert config["runtime"]["predict_concurrency"] >= 1
+    mount = config["weights"][0]
+    assert mount["source"].startswith("hf://black-forest-labs/FLUX.1-schnell")
+    assert mount["mount_location"] == meta["weights_path"]
+
+
+def test_requirements_are_pinned_exactly() -> None:
+    requirements = _config()["requirements"]
+    assert all("==" in line for line in requirements)
+    assert set(_pins(requirements)) >= REQUIRED_PINS
+
+
+def test_project_dependencies_match_the_deployed_pins() -> None:
+    deployed = _pins(_config()["requirements"])
+    project = _pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    # For torch the deployed pin is the project's lower bound: development takes a newer CPU build.
+    assert deployed == {name: project[name] for name in deployed}
+
+
+def test_example_input_is_a_valid_request() -> None:
+    settings = Settings.from_sources(environ={})
+    request = GenerateRequest.model_validate(_config()["model_metadata"]["example_model_input"])
+    assert any((r.width, r.height) == (request.width, request.height) for r in settings.resolutions)
+
+
+def test_environment_overrides_metadata() -> None:
+    settings = Settings.from_sources(environ={"FLUX_RESOLUTIONS": "512x512, 768x1024", "FLUX_TEXT_LENGTHS": "128"})
+    assert [str(r) for r in settings.resolutions] == ["512x512", "768x1024"]
+    assert settings.text_lengths == (128,)
+
+
+def test_readme_table_lists_the_served_sizes() -> None:
+    table = Settings.from_sources(environ={}).resolutions.markdown_table()
+    assert table in (ROOT / "README.md").read_text()
+
+
+def test_build_context_generates_offline(tmp_path: Path) -> None:
+    app = build_app(tmp_path)
+    assert (app / "main.py").is_file()
+    assert (app / "model" / "model.py").is_file()
+    assert yaml.safe_load((app / "config.yaml").read_text())["model_metadata"] == _config()["model_metadata"]
