@@ -62,6 +62,10 @@ class FluxEngine:
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
+    def shapes(self) -> list[tuple[Resolution, int]]:
+        """Every (resolution, text length) the transformer sees: one static graph each."""
+        return [(r, n) for r in self.resolutions for n in self.text_lengths]
+
     def job_for(self, request: GenerateRequest) -> Job:
         """Apply the deployment's rules to a parsed request, raising InvalidRequest for what it cannot serve."""
         resolution = Resolution(request.width, request.height) if self._valid_sides(request) else None

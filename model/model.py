@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from model.cache import choose_backend, fingerprint
+from model.coldstart import ColdStartReport, prepare
 from model.engine import FluxEngine, InvalidRequest
 from model.pipeline import load_pipeline
 from model.schema import GenerateRequest, GenerateResponse
@@ -25,12 +27,24 @@ class Model:
         self._settings = Settings.from_sources(config.get("model_metadata") or {})
         self._hf_token = _optional_secret(kwargs.get("secrets"), "hf_access_token")
         self._engine: FluxEngine | None = None
+        self.cold_start: ColdStartReport | None = None
 
     def load(self) -> None:
+        """Weights, then cache restore, compile, warm-up and cache save. Safe to call again after a failure."""
+        if self._engine is not None:
+            log.info("already loaded")
+            return
         _log_gpu()
-        pipe = load_pipeline(self._settings, hf_token=self._hf_token)
-        self._engine = FluxEngine(pipe, self._settings.resolutions, self._settings.text_lengths)
-        log.info("serving %s at %s", self._settings.model_source, self._settings.resolutions)
+        settings = self._settings
+        engine = FluxEngine(
+            load_pipeline(settings, hf_token=self._hf_token), settings.resolutions, settings.text_lengths
+        )
+        cache = choose_backend(
+            settings.cache.backend, fingerprint(settings.fingerprint_facts()), settings.cache.local_dir
+        )
+        self.cold_start = prepare(engine, settings.compile, cache)
+        self._engine = engine
+        log.info("serving %s at %s", settings.model_source, settings.resolutions)
 
     def predict(self, request: GenerateRequest) -> GenerateResponse:
         if self._engine is None:

@@ -1,6 +1,6 @@
-"""Typed serving settings: config.yaml's model_metadata, overridden by environment variables.
+"""Typed serving settings: config.yaml's model_metadata, overridden by FLUX_* environment variables.
 
-One place reads both, so every other module takes a `Settings` and never looks at os.environ.
+One place reads both, so every other module takes typed settings and never looks at os.environ.
 """
 
 from __future__ import annotations
@@ -13,16 +13,42 @@ from typing import Any
 
 import yaml
 
+from model.compile import CompileSettings
 from model.resolutions import ResolutionRegistry
 
 ENV_PREFIX = "FLUX_"
 # The package's own config.yaml: the one source of the served sizes and every other default.
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
+DEFAULT_LOCAL_CACHE_DIR = Path.home() / ".cache" / "flux-schnell-truss" / "compile"
 
 
 def config_metadata(path: Path = CONFIG_PATH) -> dict[str, Any]:
     """model_metadata of a Truss config file, for code that runs outside the Truss server."""
     return yaml.safe_load(path.read_text())["model_metadata"]
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return [str(item) for item in value]
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    # "auto": b10-transfer on Baseten's cache volume, the local directory elsewhere (model.cache).
+    backend: str = "auto"
+    local_dir: Path = DEFAULT_LOCAL_CACHE_DIR
 
 
 @dataclass(frozen=True)
@@ -34,6 +60,8 @@ class Settings:
     weights_path: Path | None
     resolutions: ResolutionRegistry
     text_lengths: tuple[int, ...]
+    compile: CompileSettings
+    cache: CacheSettings
 
     @classmethod
     def from_sources(
@@ -46,17 +74,32 @@ class Settings:
         def pick(key: str, default: Any = None) -> Any:
             return env.get(ENV_PREFIX + key.upper(), meta.get(key, default))
 
-        resolutions = pick("resolutions")
-        if isinstance(resolutions, str):
-            resolutions = [part for part in resolutions.replace(" ", "").split(",") if part]
-        text_lengths = pick("text_lengths")
-        if isinstance(text_lengths, str):
-            text_lengths = [int(part) for part in text_lengths.split(",") if part.strip()]
         weights_path = pick("weights_path")
+        compile_defaults = CompileSettings()
         return cls(
             repo_id=str(pick("repo_id")),
             model_source=str(pick("model_source", "hf")),
             weights_path=Path(weights_path) if weights_path else None,
-            resolutions=ResolutionRegistry.parse(resolutions),
-            text_lengths=tuple(sorted({int(n) for n in text_lengths})),
+            resolutions=ResolutionRegistry.parse(_as_list(pick("resolutions"))),
+            text_lengths=tuple(sorted({int(n) for n in _as_list(pick("text_lengths"))})),
+            compile=CompileSettings(
+                enabled=_as_bool(pick("compile", compile_defaults.enabled)),
+                mode=str(pick("compile_mode", compile_defaults.mode)),
+                regional=_as_bool(pick("compile_regional", compile_defaults.regional)),
+                compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
+                warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
+            ),
+            cache=CacheSettings(
+                backend=str(pick("cache_backend", "auto")),
+                local_dir=Path(pick("cache_dir", DEFAULT_LOCAL_CACHE_DIR)),
+            ),
         )
+
+    def fingerprint_facts(self) -> dict[str, Any]:
+        """What shapes the compiled artifacts, for the cache key."""
+        return {
+            "model": self.repo_id if self.model_source == "hf" else self.model_source,
+            "compile": {k: v for k, v in vars(self.compile).items() if k != "warmup_runs"},
+            "resolutions": [str(r) for r in self.resolutions],
+            "text_lengths": list(self.text_lengths),
+        }

@@ -18,10 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# The tiny model, eager: compiling on a CPU takes minutes, so only the compile tests turn it on.
+TINY_EAGER = {"FLUX_MODEL_SOURCE": "tiny", "FLUX_COMPILE": "0"}
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """config.yaml's settings, on the embedded tiny model."""
-    return Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"})
+    return Settings.from_sources(environ=TINY_EAGER)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +69,7 @@ def start_server(build_dir: Path, env: dict[str, str], ready_timeout_s: float = 
     app = truss_server.build_app(build_dir)
     port = truss_server.free_port()
     log_path = build_dir / "server.log"
-    process = truss_server.start(app, port, {"FLUX_MODEL_SOURCE": "tiny", **env}, log_path)
+    process = truss_server.start(app, port, {**TINY_EAGER, **env}, log_path)
     try:
         if not truss_server.wait_ready(port, process, ready_timeout_s):
             raise RuntimeError(f"server never became ready:\n{log_path.read_text(errors='replace')[-4000:]}")

@@ -10,6 +10,7 @@ from fastapi import HTTPException
 from model.model import Model
 from model.schema import GenerateRequest
 from model.settings import config_metadata
+from tests.conftest import TINY_EAGER
 
 FAKE_TOKEN = "hf_FAKE_token_that_must_never_be_logged_1234"
 
@@ -25,7 +26,8 @@ class UnsetSecrets:
 
 @pytest.fixture
 def tiny_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLUX_MODEL_SOURCE", "tiny")
+    for key, value in TINY_EAGER.items():
+        monkeypatch.setenv(key, value)
 
 
 def _model(secrets: object) -> Model:

@@ -109,8 +109,9 @@ def main() -> None:
     if args.install_only:
         install_server_requirements(app)
         return
-    env = {"FLUX_MODEL_SOURCE": os.environ.get("FLUX_MODEL_SOURCE", "tiny")}
-    print(f"starting the Truss server from {app} with model_source={env['FLUX_MODEL_SOURCE']}", flush=True)
+    # Eager unless asked: compiling the tiny model on a CPU takes minutes the first time (FLUX_COMPILE=1).
+    env = {key: os.environ.get(key, default) for key, default in (("FLUX_MODEL_SOURCE", "tiny"), ("FLUX_COMPILE", "0"))}
+    print(f"starting the Truss server from {app} with {env}", flush=True)
     process = start(app, args.port, env)
     try:
         if not wait_ready(args.port, process, timeout_s=3600):

@@ -1,0 +1,149 @@
+"""Cold start: Model.load() in fresh processes, eager vs cache miss vs cache hit.
+
+    python -m bench.cold_start                      # tiny model on the CPU, local-directory cache
+    python -m bench.cold_start --model full-random  # full-size FLUX.1-schnell, random bf16 weights, on the GPU
+    python -m bench.cold_start --mega               # also torch's Mega-Cache, for comparison
+
+Each state runs in its own process with its own empty TorchInductor directory; "hit" restores
+only what the cache backend saved during "miss". Prints one JSON line per state, then a summary
+with the ratios hit/miss and (hit - eager)/(miss - eager) of the compile-and-warm-up time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STATES = ("eager", "miss", "hit")
+MEGA_STATES = ("mega-miss", "mega-hit")
+
+
+def child(state: str, workdir: Path) -> dict:
+    """Runs inside the fresh process: load, then prove no request compiles, and report."""
+    import torch
+
+    from model.compile import CompileCounters, warm_up
+    from model.model import Model
+    from model.schema import GenerateRequest
+    from model.settings import config_metadata
+
+    mega_file = workdir / "mega.bin"
+    mega_load_s = 0.0
+    if state == "mega-hit":
+        started = time.perf_counter()
+        torch.compiler.load_cache_artifacts(mega_file.read_bytes())
+        mega_load_s = time.perf_counter() - started
+
+    model = Model(config={"model_metadata": config_metadata()})
+    started = time.perf_counter()
+    model.load()
+    load_s = time.perf_counter() - started
+    engine = model._engine
+    report = model.cold_start
+    result = {"state": state, "load_s": round(load_s, 2), "weights_s": round(report.weights_s, 2)}
+    if state == "eager":
+        # The same warm-up, eagerly: the baseline the compile overhead is measured against.
+        eager = warm_up(engine, int(os.environ.get("FLUX_WARMUP_RUNS", "2")))
+        result["compile_warmup_s"] = round(sum(eager.seconds_per_shape.values()), 2)
+        result["warmup_per_shape_s"] = eager.seconds_per_shape
+    else:
+        result.update(
+            compile_warmup_s=round(report.compile_warmup_s, 2),
+            warmup_per_shape_s=report.warmup.seconds_per_shape,
+            restore_s=round(report.restore_s + mega_load_s, 2),
+            save_s=round(report.save_s, 2),
+            restore=report.restore.outcome.value if report.restore else None,
+            save=report.save.outcome.value if report.save else None,
+            new_graphs=report.warmup.compiled.fxgraph_misses,
+            cached_graphs=report.warmup.compiled.fxgraph_hits,
+            cache_bytes=report.cache_bytes,
+            eager_fallback=report.eager_fallback_reason,
+        )
+    if state == "mega-miss":
+        started = time.perf_counter()
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            mega_file.write_bytes(artifacts[0])
+        result["save_s"] = round(time.perf_counter() - started, 2)
+        result["cache_bytes"] = mega_file.stat().st_size if mega_file.exists() else 0
+
+    # A request at every served size after warm-up must compile nothing.
+    before = CompileCounters.now()
+    latencies = {}
+    for resolution in engine.resolutions:
+        request = GenerateRequest(prompt="after warm-up", width=resolution.width, height=resolution.height, seed=1)
+        started = time.perf_counter()
+        engine.generate(request)
+        latencies[str(resolution)] = round(time.perf_counter() - started, 3)
+    result["graphs_compiled_after_warmup"] = (CompileCounters.now() - before).graphs
+    result["request_s"] = latencies
+    return result
+
+
+def run_state(state: str, workdir: Path, env: dict[str, str]) -> dict:
+    """Start a fresh process for one state, with an empty inductor directory of its own."""
+    inductor = workdir / f"inductor-{state}"
+    state_env = {
+        **os.environ,
+        **env,
+        "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+        "FLUX_CACHE_DIR": str(workdir / "cache"),
+        "FLUX_CACHE_BACKEND": "local" if state in ("miss", "hit") else "none",
+        "FLUX_COMPILE": "0" if state == "eager" else "1",
+    }
+    command = [sys.executable, "-m", "bench.cold_start", "--child", state, "--workdir", str(workdir)]
+    output = subprocess.run(command, env=state_env, capture_output=True, text=True, check=False)
+    lines = [line for line in output.stdout.splitlines() if line.startswith("{")]
+    if output.returncode != 0 or not lines:
+        raise RuntimeError(f"state {state} failed ({output.returncode}):\n{output.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def summary(results: dict[str, dict]) -> dict:
+    eager, miss, hit = (results[s]["compile_warmup_s"] for s in STATES)
+    out = {
+        "state": "summary",
+        "hit_over_miss": round(hit / miss, 3),
+        "compile_overhead_hit_over_miss": round((hit - eager) / (miss - eager), 3),
+        "cache_bytes": results["miss"].get("cache_bytes"),
+    }
+    if "mega-hit" in results:
+        out["mega_hit_over_archive_hit"] = round(results["mega-hit"]["compile_warmup_s"] / hit, 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=["tiny", "full-random"])
+    parser.add_argument("--resolutions", help="override the served sizes, e.g. 1024x1024,1216x832")
+    parser.add_argument("--text-lengths", help="override the compiled T5 lengths, e.g. 256")
+    parser.add_argument("--mega", action="store_true", help="also measure torch's Mega-Cache")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        print(json.dumps(child(args.child, args.workdir)), flush=True)
+        return
+
+    env = {"FLUX_MODEL_SOURCE": args.model}
+    if args.resolutions:
+        env["FLUX_RESOLUTIONS"] = args.resolutions
+    if args.text_lengths:
+        env["FLUX_TEXT_LENGTHS"] = args.text_lengths
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cold-start-"))
+    results = {}
+    for state in STATES + (MEGA_STATES if args.mega else ()):
+        results[state] = run_state(state, workdir, env)
+        print(json.dumps(results[state]), flush=True)
+    print(json.dumps(summary(results)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""load()'s sequence: restore the compile cache, compile, warm up every served shape, save when new.
+
+Neither the cache nor the compiler can fail a deployment: cache problems are logged and cost a
+compile from scratch; a compile or warm-up failure falls back to eager with a loud log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from model.cache import CacheResult, CompileCache, Outcome, directory_size, inductor_cache_dir
+from model.compile import CompileSettings, WarmupReport, compile_pipeline, warm_up
+from model.engine import FluxEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ColdStartReport:
+    backend: str
+    restore: CacheResult | None = None
+    save: CacheResult | None = None
+    compiled: bool = False
+    eager_fallback_reason: str | None = None
+    weights_s: float = 0.0
+    restore_s: float = 0.0
+    compile_warmup_s: float = 0.0
+    save_s: float = 0.0
+    warmup: WarmupReport = field(default_factory=WarmupReport)
+    cache_bytes: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("restore", "save"):
+            result = getattr(self, key)
+            data[key] = None if result is None else {**asdict(result), "outcome": result.outcome.value}
+        return data
+
+
+def _logged(action: str, result: CacheResult) -> CacheResult:
+    level = logging.WARNING if result.outcome is Outcome.ERROR else logging.INFO
+    log.log(level, "compile cache %s: %s (%s, %.1f s)", action, result.outcome.value, result.detail, result.seconds)
+    return result
+
+
+def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: CompileCache) -> ColdStartReport:
+    """Restore, compile, warm up and save; returns what happened. The engine serves in every outcome."""
+    report = ColdStartReport(backend=cache.name)
+    if not compile_settings.enabled:
+        log.info("torch.compile disabled: serving eager")
+        return report
+
+    started = time.perf_counter()
+    report.restore = _logged("restore", cache.restore())
+    report.restore_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    undo = None
+    try:
+        undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()))
+        report.warmup = warm_up(engine, compile_settings.warmup_runs)
+        report.compiled = True
+    except Exception as exc:
+        log.exception("COMPILE FAILED, serving EAGER (slower) instead: %r", exc)
+        report.eager_fallback_reason = repr(exc)
+        if undo is not None:
+            undo()
+        return report
+    finally:
+        report.compile_warmup_s = time.perf_counter() - started
+
+    log.info(
+        "compile and warm-up took %.1f s; new graphs compiled: %d",
+        report.compile_warmup_s,
+        report.warmup.compiled.fxgraph_misses,
+    )
+    if report.warmup.compiled_new:
+        started = time.perf_counter()
+        report.save = _logged("save", cache.save())
+        report.save_s = time.perf_counter() - started
+    report.cache_bytes = directory_size(inductor_cache_dir())
+    return report

@@ -1,0 +1,307 @@
+"""Compile-cache backends: round trips, the b10-transfer status table, and every fault, injected."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import tarfile
+import types
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from b10_transfer import OperationStatus
+
+from model.cache import (
+    B10TransferCache,
+    LegacyTcacheCache,
+    LocalDirectoryCache,
+    NoCache,
+    Outcome,
+    choose_backend,
+    fingerprint,
+)
+from model.settings import Settings
+
+
+def fill(directory: Path) -> dict[str, bytes]:
+    """A stand-in inductor directory: nested files of known content."""
+    files = {"fxgraph/ab/entry": b"graph" * 100, "cpp/k.so": os.urandom(2048), "top.json": b"{}"}
+    for name, content in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(content)
+    return files
+
+
+def contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def inductor(tmp_path: Path) -> Path:
+    path = tmp_path / "inductor"
+    path.mkdir()
+    return path
+
+
+def local(tmp_path: Path, inductor: Path, key: str = "k1") -> LocalDirectoryCache:
+    return LocalDirectoryCache(tmp_path / "store", key, inductor_dir=inductor)
+
+
+# --- the local directory -------------------------------------------------------------------------
+
+
+def test_local_miss_save_then_hit_restores_every_file(tmp_path: Path, inductor: Path) -> None:
+    files = fill(inductor)
+    cache = local(tmp_path, inductor)
+    assert cache.restore().outcome is Outcome.MISS
+    saved = cache.save()
+    assert saved.outcome is Outcome.SAVED and saved.size_bytes > 0
+    assert not list(cache.archive.parent.glob(".inductor-*")), "no temporary file is left behind"
+    assert cache.restore().outcome is Outcome.PRESENT, "a retried load keeps the artifacts it has"
+
+    fresh = tmp_path / "fresh-inductor"
+    restored = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore()
+    assert restored.outcome is Outcome.HIT
+    assert contents(fresh) == files
+
+
+def test_local_miss_when_nothing_stored(tmp_path: Path, inductor: Path) -> None:
+    assert local(tmp_path, inductor).restore().outcome is Outcome.MISS
+
+
+def test_fingerprints_do_not_share_archives(tmp_path: Path, inductor: Path) -> None:
+    fill(inductor)
+    local(tmp_path, inductor, "k1").save()
+    assert local(tmp_path, tmp_path / "other", "k2").restore().outcome is Outcome.MISS
+
+
+def test_fingerprint_tracks_what_shapes_the_artifacts() -> None:
+    base = Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"})
+    key = fingerprint(base.fingerprint_facts())
+    assert key == fingerprint(base.fingerprint_facts())
+    changed = [
+        replace(base, compile=replace(base.compile, mode="max-autotune")),
+        replace(base, compile=replace(base.compile, regional=False)),
+        replace(base, text_lengths=(256,)),
+        replace(base, model_source="full-random"),
+        Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny", "FLUX_RESOLUTIONS": "1024x1024"}),
+    ]
+    assert len({key, *(fingerprint(s.fingerprint_facts()) for s in changed)}) == len(changed) + 1
+    # Warm-up repetitions do not change what is compiled.
+    assert fingerprint(replace(base, compile=replace(base.compile, warmup_runs=5)).fingerprint_facts()) == key
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "empty"])
+def test_damaged_archive_is_an_error_and_leaves_the_directory_clean(
+    tmp_path: Path, inductor: Path, damage: str
+) -> None:
+    fill(inductor)
+    cache = local(tmp_path, inductor)
+    cache.save()
+    data = cache.archive.read_bytes()
+    damaged = {"corrupt": os.urandom(len(data)), "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    cache.archive.write_bytes(damaged)
+    fresh = tmp_path / "fresh"
+    result = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore()
+    assert result.outcome is Outcome.ERROR, result
+    assert not fresh.exists() or not any(fresh.iterdir()), "a failed restore must not leave partial artifacts"
+
+
+def test_unreadable_cache_directory_is_an_error(tmp_path: Path, inductor: Path) -> None:
+    # A file where the store's directory should be: reads and writes fail even as root.
+    blocker = tmp_path / "store"
+    blocker.write_text("not a directory")
+    fill(inductor)
+    cache = local(tmp_path, inductor)
+    assert cache.save().outcome is Outcome.ERROR
+    cache.archive = blocker / "k1" / "inductor.tar"
+    assert cache.restore().outcome is Outcome.MISS
+
+
+def test_restore_into_an_unwritable_location_is_an_error(tmp_path: Path, inductor: Path) -> None:
+    fill(inductor)
+    local(tmp_path, inductor).save()
+    blocked_parent = tmp_path / "file"
+    blocked_parent.write_text("x")
+    result = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=blocked_parent / "inductor").restore()
+    assert result.outcome is Outcome.ERROR
+
+
+def test_full_disk_on_save_is_an_error_and_keeps_the_old_archive(
+    tmp_path: Path, inductor: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(inductor)
+    cache = local(tmp_path, inductor)
+    cache.save()
+    before = cache.archive.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "add", disk_full)
+    result = cache.save()
+    assert result.outcome is Outcome.ERROR and "No space left" in result.detail
+    assert cache.archive.read_bytes() == before
+    assert not list(cache.archive.parent.glob(".inductor-*"))
+
+
+def test_saving_an_empty_directory_is_an_error(tmp_path: Path, inductor: Path) -> None:
+    assert local(tmp_path, inductor).save().outcome is Outcome.ERROR
+
+
+def test_no_cache_does_nothing() -> None:
+    assert NoCache().restore().outcome is Outcome.DISABLED
+    assert NoCache().save().outcome is Outcome.DISABLED
+
+
+# --- b10-transfer: the status table ---------------------------------------------------------------
+
+
+def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, load: object, save: object) -> types.SimpleNamespace:
+    """Inject a module whose two calls return (or raise) what the test says, recording B10FS_CACHE_DIR."""
+    seen = types.SimpleNamespace(dirs=[])
+
+    def call(result: object):
+        def function():
+            seen.dirs.append(os.environ.get("B10FS_CACHE_DIR"))
+            if isinstance(result, Exception):
+                raise result
+            return result
+
+        return function
+
+    module = types.ModuleType(name)
+    module.load_compile_cache = call(load)
+    module.save_compile_cache = call(save)
+    monkeypatch.setitem(sys.modules, name, module)
+    return seen
+
+
+RESTORE_TABLE = {
+    OperationStatus.SUCCESS: Outcome.HIT,
+    OperationStatus.SKIPPED: Outcome.PRESENT,
+    OperationStatus.DOES_NOT_EXIST: Outcome.MISS,
+    OperationStatus.ERROR: Outcome.ERROR,
+}
+SAVE_TABLE = {
+    OperationStatus.SUCCESS: Outcome.SAVED,
+    OperationStatus.SKIPPED: Outcome.EXISTS,
+    OperationStatus.DOES_NOT_EXIST: Outcome.ERROR,
+    OperationStatus.ERROR: Outcome.ERROR,
+}
+
+
+def test_every_status_is_truthy_which_is_why_they_are_mapped() -> None:
+    assert all(bool(status) for status in OperationStatus)
+    assert set(RESTORE_TABLE) == set(OperationStatus) == set(SAVE_TABLE)
+
+
+@pytest.mark.parametrize("status", list(OperationStatus))
+def test_b10_transfer_status_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, status: OperationStatus) -> None:
+    seen = fake_module(monkeypatch, "b10_transfer", load=status, save=status)
+    monkeypatch.setenv("B10FS_CACHE_DIR", "/cache/model/untouched")
+    cache = B10TransferCache("feedc0de", root=tmp_path)
+    assert cache.restore().outcome is RESTORE_TABLE[status]
+    assert cache.save().outcome is SAVE_TABLE[status]
+    assert seen.dirs == [str(tmp_path / "compile_cache" / "feedc0de")] * 2, "each fingerprint has its own directory"
+    assert os.environ["B10FS_CACHE_DIR"] == "/cache/model/untouched", "the caller's environment is restored"
+
+
+def test_b10_transfer_raising_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fake_module(monkeypatch, "b10_transfer", load=OSError("b10fs unavailable"), save=RuntimeError("boom"))
+    cache = B10TransferCache("k", root=tmp_path)
+    assert cache.restore().outcome is Outcome.ERROR
+    assert cache.save().outcome is Outcome.ERROR
+
+
+@pytest.mark.parametrize(
+    ("value", "restore", "save"), [(True, Outcome.HIT, Outcome.SAVED), (False, Outcome.MISS, Outcome.ERROR)]
+)
+def test_legacy_tcache_bools(monkeypatch: pytest.MonkeyPatch, value: bool, restore: Outcome, save: Outcome) -> None:
+    fake_module(monkeypatch, "b10_tcache", load=value, save=value)
+    assert LegacyTcacheCache().restore().outcome is restore
+    assert LegacyTcacheCache().save().outcome is save
+
+
+def test_legacy_tcache_missing_is_an_error() -> None:
+    assert LegacyTcacheCache().restore().outcome is Outcome.ERROR
+
+
+# --- choosing a backend ---------------------------------------------------------------------------
+
+
+def test_auto_is_local_off_baseten(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("BASETEN_FS_ENABLED", raising=False)
+    assert isinstance(choose_backend("auto", "k", tmp_path), LocalDirectoryCache)
+
+
+def test_auto_is_b10_transfer_on_baseten(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
+    assert isinstance(choose_backend("auto", "k", tmp_path), B10TransferCache)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("b10-transfer", B10TransferCache),
+        ("b10-tcache", LegacyTcacheCache),
+        ("local", LocalDirectoryCache),
+        ("none", NoCache),
+    ],
+)
+def test_a_setting_overrides_the_choice(tmp_path: Path, name: str, kind: type) -> None:
+    assert isinstance(choose_backend(name, "k", tmp_path), kind)
+
+
+def test_unknown_backend_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown cache backend"):
+        choose_backend("redis", "k", tmp_path)
+
+
+# --- the real b10-transfer, against a local directory under /cache/model ---------------------------
+
+
+@pytest.fixture
+def b10fs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("b10-transfer's paths live under /cache/model, which needs root to create")
+    root = Path("/cache/model") / f"test-{uuid.uuid4().hex[:12]}"
+    root.mkdir(parents=True)
+    work = root / "work"  # its archives must be written under /app or /cache
+    work.mkdir()
+    inductor = Path("/tmp") / f"b10-inductor-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
+    monkeypatch.setenv("LOCAL_WORK_DIR", str(work))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    # Its default floors ask for ~100 GB free on b10fs and 4 GB locally.
+    monkeypatch.setenv("MIN_B10FS_SPACE_MB", "1")
+    monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
+    monkeypatch.setenv("MIN_LOCAL_SPACE_MB", "1")
+    try:
+        yield types.SimpleNamespace(root=root, inductor=inductor)
+    finally:
+        import shutil
+
+        for path in (root, work, inductor):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_real_b10_transfer_round_trip(b10fs: types.SimpleNamespace) -> None:
+    import shutil
+
+    b10fs.inductor.mkdir()
+    files = fill(b10fs.inductor)
+    cache = B10TransferCache("roundtrip", root=b10fs.root)
+    assert cache.restore().outcome is Outcome.MISS
+    assert cache.save().outcome is Outcome.SAVED
+    assert cache.save().outcome is Outcome.EXISTS, "b10-transfer skips a save when the archive exists"
+    assert cache.restore().outcome is Outcome.PRESENT, "a non-empty inductor directory is left alone"
+
+    shutil.rmtree(b10fs.inductor)
+    assert cache.restore().outcome is Outcome.HIT
+    assert contents(b10fs.inductor) == files
+    # Another fingerprint has its own archive: a changed config is never blocked by a stale one.
+    assert B10TransferCache("other-config", root=b10fs.root).save().outcome is Outcome.SAVED

@@ -1,0 +1,151 @@
+"""load()'s sequence under every cache status and every injected compiler fault: it always serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from b10_transfer import OperationStatus
+
+from model import coldstart
+from model.cache import B10TransferCache, NoCache, Outcome
+from model.compile import CompileCounters, CompileSettings, WarmupReport, compile_pipeline
+from model.engine import FluxEngine
+from model.model import Model
+from model.pipeline import load_pipeline
+from model.schema import GenerateRequest
+from model.settings import Settings, config_metadata
+from tests.conftest import TINY_EAGER
+from tests.test_cache import fake_module
+
+REQUEST = GenerateRequest(prompt="a harbour at night", width=1216, height=832, seed=21)
+
+
+@pytest.fixture
+def fresh_engine(settings: Settings) -> FluxEngine:
+    return FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
+
+
+def fake_compile(monkeypatch: pytest.MonkeyPatch, new_graphs: int) -> list[str]:
+    """Skip the real compiler (minutes on a CPU); warm-up reports `new_graphs` freshly compiled graphs."""
+    calls: list[str] = []
+    monkeypatch.setattr(coldstart, "compile_pipeline", lambda *args, **kwargs: (calls.append("compile"), None)[1])
+
+    def warm(engine: FluxEngine, runs: int) -> WarmupReport:
+        calls.append("warm_up")
+        return WarmupReport(
+            {"1024x1024@256": 0.1}, CompileCounters(graphs=3, fxgraph_misses=new_graphs, fxgraph_hits=0)
+        )
+
+    monkeypatch.setattr(coldstart, "warm_up", warm)
+    return calls
+
+
+# What load() does for each b10-transfer load status, given whether the warm-up compiled anything new.
+STATUS_TABLE = [
+    (OperationStatus.SUCCESS, 0, Outcome.HIT, False),
+    (OperationStatus.SUCCESS, 2, Outcome.HIT, True),  # a partial hit: save what is new
+    (OperationStatus.SKIPPED, 0, Outcome.PRESENT, False),
+    (OperationStatus.DOES_NOT_EXIST, 3, Outcome.MISS, True),
+    (OperationStatus.ERROR, 3, Outcome.ERROR, True),  # b10fs broken: compile anyway, still try to save
+]
+
+
+@pytest.mark.parametrize(("status", "new_graphs", "restore", "saves"), STATUS_TABLE)
+def test_load_status_table(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    fresh_engine: FluxEngine,
+    status: OperationStatus,
+    new_graphs: int,
+    restore: Outcome,
+    saves: bool,
+) -> None:
+    fake_module(monkeypatch, "b10_transfer", load=status, save=OperationStatus.SUCCESS)
+    calls = fake_compile(monkeypatch, new_graphs)
+    report = coldstart.prepare(fresh_engine, CompileSettings(), B10TransferCache("k", root=tmp_path))
+    assert calls == ["compile", "warm_up"], "compile and warm-up run whatever the cache said"
+    assert report.restore.outcome is restore
+    assert (report.save is not None) is saves
+    assert report.eager_fallback_reason is None
+
+
+def test_compile_disabled_touches_no_cache(monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine) -> None:
+    calls = fake_compile(monkeypatch, 0)
+    report = coldstart.prepare(fresh_engine, CompileSettings(enabled=False), NoCache())
+    assert calls == [] and report.restore is None and not report.compiled
+
+
+def test_compile_raising_falls_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine, engine: FluxEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(coldstart, "compile_pipeline", broken)
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache())
+    assert "inductor exploded" in report.eager_fallback_reason
+    assert "COMPILE FAILED, serving EAGER" in caplog.text
+    assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
+
+
+def test_warm_up_raising_undoes_the_compile(
+    monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine, engine: FluxEngine
+) -> None:
+    eager_decode = fresh_engine.pipe.vae.decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("warm-up failed")
+
+    monkeypatch.setattr(coldstart, "warm_up", broken)
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache())
+    assert "warm-up failed" in report.eager_fallback_reason
+    assert fresh_engine.pipe.vae.decode == eager_decode
+    assert all(m._compiled_call_impl is None for m in fresh_engine.pipe.transformer.modules())
+    assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
+
+
+def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
+    pipe = fresh_engine.pipe
+    undo = compile_pipeline(pipe, CompileSettings(), shapes=6)
+    compiled = [m for m in pipe.transformer.modules() if m._compiled_call_impl is not None]
+    assert compiled and all(type(m).__name__.endswith("Block") for m in compiled)
+    import torch
+
+    assert torch._dynamo.config.recompile_limit >= 12, "every served shape fits under the recompile limit"
+    undo()
+    assert not [m for m in pipe.transformer.modules() if m._compiled_call_impl is not None]
+
+
+def _tiny_model(monkeypatch: pytest.MonkeyPatch) -> Model:
+    for key, value in TINY_EAGER.items():
+        monkeypatch.setenv(key, value)
+    return Model(config={"model_metadata": config_metadata()})
+
+
+def test_load_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_model(monkeypatch)
+    model.load()
+    engine = model._engine
+    model.load()
+    assert model._engine is engine
+
+
+def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_model(monkeypatch)
+    real = load_pipeline
+    attempts = []
+
+    def flaky(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("weights volume not mounted yet")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("model.model.load_pipeline", flaky)
+    with pytest.raises(OSError):
+        model.load()
+    with pytest.raises(RuntimeError, match="before load"):
+        model.predict(REQUEST)
+    model.load()
+    assert model.predict(REQUEST).width == 1216
