@@ -26,6 +26,7 @@ MEGA_STATES = ("mega-miss", "mega-hit")
 
 def child(state: str, workdir: Path) -> dict:
     """Runs inside the fresh process: load, then prove no request compiles, and report."""
+    import numpy as np
     import torch
 
     from model.compile import CompileCounters, warm_up
@@ -73,16 +74,23 @@ def child(state: str, workdir: Path) -> dict:
         result["save_s"] = round(time.perf_counter() - started, 2)
         result["cache_bytes"] = mega_file.stat().st_size if mega_file.exists() else 0
 
-    # A request at every served size after warm-up must compile nothing.
+    # A request at every served size after warm-up must compile nothing, and give a real image.
     before = CompileCounters.now()
-    latencies = {}
+    latencies, images = {}, {}
     for resolution in engine.resolutions:
         request = GenerateRequest(prompt="after warm-up", width=resolution.width, height=resolution.height, seed=1)
         started = time.perf_counter()
         engine.generate(request)
         latencies[str(resolution)] = round(time.perf_counter() - started, 3)
+        # NaNs decode to a uniform image, so a spread of pixel values shows the output is finite.
+        pixels = np.asarray(engine.run(engine.job_for(request)), dtype=np.float32)
+        images[str(resolution)] = {
+            "size": [pixels.shape[1], pixels.shape[0]],
+            "pixel_std": round(float(pixels.std()), 2),
+        }
     result["graphs_compiled_after_warmup"] = (CompileCounters.now() - before).graphs
     result["request_s"] = latencies
+    result["images"] = images
     return result
 
 

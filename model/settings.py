@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from model.compile import CompileSettings
+from model.optimize import Optimizations
 from model.resolutions import ResolutionRegistry
 
 ENV_PREFIX = "FLUX_"
@@ -61,6 +62,7 @@ class Settings:
     resolutions: ResolutionRegistry
     text_lengths: tuple[int, ...]
     compile: CompileSettings
+    optimizations: Optimizations
     cache: CacheSettings
 
     @classmethod
@@ -89,6 +91,12 @@ class Settings:
                 compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
                 warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
             ),
+            optimizations=Optimizations(
+                fuse_qkv=_as_bool(pick("fuse_qkv", False)),
+                vae_channels_last=_as_bool(pick("vae_channels_last", False)),
+                attention_backend=pick("attention_backend") or None,
+                fp8=_as_bool(pick("fp8", False)),
+            ),
             cache=CacheSettings(
                 backend=str(pick("cache_backend", "auto")),
                 local_dir=Path(pick("cache_dir", DEFAULT_LOCAL_CACHE_DIR)),
@@ -100,6 +108,7 @@ class Settings:
         return {
             "model": self.repo_id if self.model_source == "hf" else self.model_source,
             "compile": {k: v for k, v in vars(self.compile).items() if k != "warmup_runs"},
+            "optimizations": vars(self.optimizations),
             "resolutions": [str(r) for r in self.resolutions],
             "text_lengths": list(self.text_lengths),
         }

@@ -1,0 +1,196 @@
+"""Warm latency of Model.predict per configuration, against eager in the same run.
+
+    python -m bench.latency --configs eager,default,cudnn --resolutions 1024x1024 --runs 10
+
+Builds the model through the project's own loader (FLUX_MODEL_SOURCE, default full-random: the
+full-size architecture with random bf16 weights on the GPU). Every configuration runs in a fresh
+process and prints one JSON line: p50/p90 of end-to-end predict (base64 JPEG included) per
+resolution, a per-phase breakdown, peak GPU memory over load and predict, host syncs in one
+request, and the image's PSNR against eager on the same seed. A summary line gives the speedup
+against eager and the fraction of the arithmetic floor reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# Each named configuration is a set of FLUX_* overrides of config.yaml; "a+b" combines them.
+CONFIGS: dict[str, dict[str, str]] = {
+    "eager": {"FLUX_COMPILE": "0"},
+    "default": {},
+    "whole": {"FLUX_COMPILE_REGIONAL": "0"},
+    "regional": {"FLUX_COMPILE_REGIONAL": "1"},
+    "no_vae_compile": {"FLUX_COMPILE_VAE": "0"},
+    "fuse_qkv": {"FLUX_FUSE_QKV": "1"},
+    "no_fuse_qkv": {"FLUX_FUSE_QKV": "0"},
+    "channels_last": {"FLUX_VAE_CHANNELS_LAST": "1"},
+    "cudnn": {"FLUX_ATTENTION_BACKEND": "_native_cudnn"},
+    "flash": {"FLUX_ATTENTION_BACKEND": "_native_flash"},
+    "sdpa": {"FLUX_ATTENTION_BACKEND": ""},
+    "max_autotune": {"FLUX_COMPILE_MODE": "max-autotune"},
+    "max_autotune_no_cudagraphs": {"FLUX_COMPILE_MODE": "max-autotune-no-cudagraphs"},
+    "fp8": {"FLUX_FP8": "1"},
+}
+# The arithmetic floor at 1024x1024, 4 steps (BASELINE: 69.5 TFLOP per step at 790 TFLOP/s, plus VAE and T5).
+FLOOR_S = {"bf16": 0.37, "fp8": 0.23}
+
+
+def config_env(name: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for part in name.split("+"):
+        env.update(CONFIGS[part])
+    return env
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def child(name: str, workdir: Path, resolutions: list[str], runs: int) -> dict:
+    import numpy as np
+    import torch
+
+    from model.model import Model
+    from model.resolutions import Resolution
+    from model.schema import GenerateRequest
+    from model.settings import config_metadata
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    model = Model(config={"model_metadata": config_metadata()})
+    model.load()
+    result: dict = {"config": name, "load_s": round(time.perf_counter() - started, 1)}
+    engine = model._engine
+    report = model.cold_start
+    result["compiled"] = report.compiled
+    result["eager_fallback"] = report.eager_fallback_reason
+
+    per_resolution = {}
+    for text in resolutions:
+        size = Resolution.parse(text)
+        request = GenerateRequest(
+            prompt="a lighthouse on a cliff at dusk", width=size.width, height=size.height, seed=0
+        )
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model.predict(request)  # returns after the JPEG is encoded: the GPU work is done
+            times.append(time.perf_counter() - t)
+        engine.sync = True
+        phases = []
+        for _ in range(3):
+            model.predict(request)
+            phases.append(vars(engine.last_times).copy())
+        engine.sync = False
+        per_resolution[text] = {
+            "p50_s": round(statistics.median(times), 4),
+            "p90_s": round(_percentile(times, 0.9), 4),
+            "min_s": round(min(times), 4),
+            "phases_s": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
+        }
+    result["latency"] = per_resolution
+
+    first = Resolution.parse(resolutions[0])
+    job = engine.job_for(
+        GenerateRequest(prompt="a lighthouse on a cliff at dusk", width=first.width, height=first.height, seed=0)
+    )
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pixels = np.asarray(engine.run(job), dtype=np.float64)
+    if cuda:
+        torch.cuda.set_sync_debug_mode(0)
+        result["host_syncs_per_image"] = sum("synchronizing" in str(w.message) for w in caught)
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    reference = workdir / "eager.npy"
+    if name == "eager":
+        np.save(reference, pixels)
+    elif reference.exists():
+        ref = np.load(reference)
+        mse = float(np.mean((pixels - ref) ** 2))
+        result["psnr_vs_eager_db"] = round(10 * np.log10(255**2 / max(mse, 1e-12)), 2)
+        result["max_abs_diff_vs_eager"] = int(np.abs(pixels - ref).max())
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="eager,default")
+    parser.add_argument("--resolutions", default="1024x1024")
+    parser.add_argument("--text-lengths", default="256", help="compiled T5 lengths (the requests use 256)")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--model", default="full-random")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    resolutions = args.resolutions.split(",")
+
+    if args.child:
+        print(json.dumps(child(args.child, args.workdir, resolutions, args.runs)), flush=True)
+        return
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latency-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    base_env = {
+        **os.environ,
+        "FLUX_MODEL_SOURCE": args.model,
+        "FLUX_RESOLUTIONS": args.resolutions,
+        "FLUX_TEXT_LENGTHS": args.text_lengths,
+        "FLUX_CACHE_BACKEND": "none",
+        "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
+    }
+    results = {}
+    for name in args.configs.split(","):
+        command = [
+            sys.executable,
+            "-m",
+            "bench.latency",
+            "--child",
+            name,
+            "--workdir",
+            str(workdir),
+            "--resolutions",
+            args.resolutions,
+            "--runs",
+            str(args.runs),
+        ]
+        done = subprocess.run(
+            command, env={**base_env, **config_env(name)}, capture_output=True, text=True, check=False
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            print(json.dumps({"config": name, "error": done.stderr[-3000:]}), flush=True)
+            continue
+        results[name] = json.loads(lines[-1])
+        print(lines[-1], flush=True)
+    if "eager" in results:
+        eager = results["eager"]["latency"]
+        summary = {"state": "summary"}
+        for name, result in results.items():
+            for size, figures in result["latency"].items():
+                entry = {
+                    "p50_s": figures["p50_s"],
+                    "speedup_vs_eager": round(eager[size]["p50_s"] / figures["p50_s"], 3),
+                }
+                if size == "1024x1024":
+                    floor = FLOOR_S["fp8" if "fp8" in name else "bf16"]
+                    entry["floor_over_p50"] = round(floor / figures["p50_s"], 3)
+                summary[f"{name}@{size}"] = entry
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

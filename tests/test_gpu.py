@@ -1,0 +1,42 @@
+"""On a CUDA GPU: the full-size architecture (random bf16 weights) compiles, serves and restarts from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cold_start import run_state
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def miss_then_hit(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    workdir: Path = tmp_path_factory.mktemp("gpu-cold-start")
+    env = {"FLUX_MODEL_SOURCE": "full-random"}  # config.yaml's served sizes and text lengths
+    return run_state("miss", workdir, env), run_state("hit", workdir, env)
+
+
+def test_every_served_resolution_gives_a_finite_image_of_the_right_size(miss_then_hit: tuple[dict, dict]) -> None:
+    for state in miss_then_hit:
+        for size, image in state["images"].items():
+            assert image["size"] == [int(side) for side in size.split("x")]
+            assert image["pixel_std"] > 1.0, (size, image)
+
+
+def test_no_recompile_after_warm_up(miss_then_hit: tuple[dict, dict]) -> None:
+    for state in miss_then_hit:
+        assert state["eager_fallback"] is None
+        assert state["graphs_compiled_after_warmup"] == 0
+
+
+def test_restart_hits_the_cache(miss_then_hit: tuple[dict, dict]) -> None:
+    miss, hit = miss_then_hit
+    assert miss["save"] == "saved"
+    assert hit["restore"] == "hit" and hit["new_graphs"] == 0
+    assert hit["compile_warmup_s"] < miss["compile_warmup_s"]
