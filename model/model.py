@@ -7,6 +7,7 @@ parse requests into GenerateRequest and publish the schema, and string annotatio
 import logging
 import shutil
 import subprocess
+import time
 from typing import Any
 
 from fastapi import HTTPException
@@ -14,7 +15,8 @@ from fastapi import HTTPException
 from model.cache import choose_backend, fingerprint
 from model.coldstart import ColdStartReport, prepare
 from model.engine import FluxEngine, InvalidRequest
-from model.pipeline import load_pipeline
+from model.optimize import optimize
+from model.pipeline import default_device, load_pipeline
 from model.schema import GenerateRequest, GenerateResponse
 from model.settings import Settings
 
@@ -36,13 +38,19 @@ class Model:
             return
         _log_gpu()
         settings = self._settings
-        engine = FluxEngine(
-            load_pipeline(settings, hf_token=self._hf_token), settings.resolutions, settings.text_lengths
-        )
+        started = time.perf_counter()
+        device = default_device()
+        # fp8 is quantized block by block on the way to the GPU, so the bf16 weights are staged on the CPU.
+        staging = "cpu" if settings.optimizations.fp8 else device
+        pipe = load_pipeline(settings, hf_token=self._hf_token, device=staging)
+        optimize(pipe, settings.optimizations, device)
+        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
+        weights_s = time.perf_counter() - started
         cache = choose_backend(
             settings.cache.backend, fingerprint(settings.fingerprint_facts()), settings.cache.local_dir
         )
         self.cold_start = prepare(engine, settings.compile, cache)
+        self.cold_start.weights_s = weights_s
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)
 

@@ -21,9 +21,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> torch.dtype:
-    # bf16 is how FLUX.1 is served; CPU bf16 matmuls are slow and only the tiny model runs there.
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+def serving_dtype() -> torch.dtype:
+    # bf16 is how FLUX.1 is served; CPU bf16 matmuls are slow and only the tiny model is served there.
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def describe_source(settings: Settings) -> str:
@@ -39,9 +39,12 @@ def describe_source(settings: Settings) -> str:
 
 
 def load_pipeline(settings: Settings, hf_token: str | None = None, device: str | None = None) -> FluxPipeline:
-    """Load the pipeline named by settings.model_source onto `device` (cuda when present)."""
+    """Load the pipeline named by settings.model_source onto `device` (cuda when present).
+
+    The dtype is the serving device's, even when `device` is the CPU used as a staging area.
+    """
     device = device or default_device()
-    dtype = default_dtype(device)
+    dtype = serving_dtype()
     source = settings.model_source
     log.info("loading pipeline from %s on %s in %s", describe_source(settings), device, dtype)
     if source in OFFLINE_SOURCES:

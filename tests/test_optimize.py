@@ -1,0 +1,44 @@
+"""The named optimization switches reach the pipeline through settings, and keep the image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.engine import FluxEngine
+from model.model import Model
+from model.optimize import Optimizations, optimize
+from model.pipeline import load_pipeline
+from model.schema import GenerateRequest
+from model.settings import Settings, config_metadata
+from tests.conftest import TINY_EAGER
+
+REQUEST = GenerateRequest(prompt="a red bicycle", width=1216, height=832, seed=5)
+
+
+def pixels(engine: FluxEngine) -> np.ndarray:
+    return np.asarray(engine.run(engine.job_for(REQUEST)), dtype=np.int16)
+
+
+def test_switches_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {**TINY_EAGER, "FLUX_FUSE_QKV": "1", "FLUX_VAE_CHANNELS_LAST": "true"}.items():
+        monkeypatch.setenv(key, value)
+    model = Model(config={"model_metadata": config_metadata()})
+    model.load()
+    pipe = model._engine.pipe
+    assert any(getattr(m, "fused_projections", False) for m in pipe.transformer.modules())
+    conv = next(m for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_switches_keep_the_image(settings: Settings, engine: FluxEngine) -> None:
+    pipe = load_pipeline(settings, device="cpu")
+    optimize(pipe, Optimizations(fuse_qkv=True, vae_channels_last=True, attention_backend="_native_math"), "cpu")
+    optimized = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
+    # Fused GEMMs and NHWC convolutions sum in another order: a pixel may move by a level or two.
+    assert np.abs(pixels(optimized) - pixels(engine)).max() <= 2
+
+
+def test_no_switch_is_on_by_default_on_the_cpu() -> None:
+    assert Optimizations().enabled() == []
