@@ -7,7 +7,7 @@ DEV_TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 
-.PHONY: install serve test test-fast lint fuzz bench-cold-start clean
+.PHONY: install serve test test-fast fuzz lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: $(STAMP)
 ## Everything but the tests that start servers or compile in fresh processes.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+## The property-based fuzz of the real server with 600 generated bodies (make test runs 60).
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=600 $(BIN)/python -m pytest tests/test_reliability.py -k fuzz -s
 
 lint: $(STAMP)
 	$(BIN)/ruff check model tests bench

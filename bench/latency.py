@@ -60,6 +60,7 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int) -> dict:
     import numpy as np
     import torch
 
+    from bench import NO_BODY
     from model.model import Model
     from model.resolutions import Resolution
     from model.schema import GenerateRequest
@@ -86,12 +87,12 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int) -> dict:
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            model.predict(request)  # returns after the JPEG is encoded: the GPU work is done
+            model.predict(request, NO_BODY)  # returns after the JPEG is encoded: the GPU work is done
             times.append(time.perf_counter() - t)
         engine.sync = True
         phases = []
         for _ in range(3):
-            model.predict(request)
+            model.predict(request, NO_BODY)
             phases.append(vars(engine.last_times).copy())
         engine.sync = False
         per_resolution[text] = {

@@ -11,13 +11,14 @@ import time
 from typing import Any
 
 from fastapi import HTTPException
+from starlette.requests import Request
 
 from model.cache import choose_backend, fingerprint
 from model.coldstart import ColdStartReport, prepare
 from model.engine import FluxEngine, InvalidRequest
 from model.optimize import optimize
 from model.pipeline import default_device, load_pipeline
-from model.schema import GenerateRequest, GenerateResponse
+from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,12 @@ class Model:
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)
 
-    def predict(self, request: GenerateRequest) -> GenerateResponse:
+    def predict(self, request: GenerateRequest, raw_request: Request) -> GenerateResponse:
         if self._engine is None:
             raise RuntimeError("predict called before load")
+        declared = raw_request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            raise HTTPException(status_code=413, detail=f"request body over {MAX_BODY_BYTES} bytes")
         try:
             return self._engine.generate(request)
         except InvalidRequest as exc:

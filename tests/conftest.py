@@ -3,8 +3,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -50,9 +52,10 @@ def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 class RunningServer:
     """A Truss server process started from the generated build context."""
 
-    def __init__(self, port: int, log_path: Path) -> None:
+    def __init__(self, port: int, log_path: Path, process: subprocess.Popen[bytes]) -> None:
         self.port = port
         self.log_path = log_path
+        self.process = process
         self.base = f"http://127.0.0.1:{port}"
 
     def url(self, path: str) -> str:
@@ -62,18 +65,20 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(build_dir: Path, env: dict[str, str], ready_timeout_s: float = 600) -> Iterator[RunningServer]:
+def start_server(
+    build_dir: Path, env: dict[str, str], ready_timeout_s: float = 600, **start_options: Any
+) -> Iterator[RunningServer]:
     """Build the app, start it on a free port, yield once ready, and stop it afterwards."""
     from tests import truss_server
 
     app = truss_server.build_app(build_dir)
     port = truss_server.free_port()
     log_path = build_dir / "server.log"
-    process = truss_server.start(app, port, {**TINY_EAGER, **env}, log_path)
+    process = truss_server.start(app, port, {**TINY_EAGER, **env}, log_path, **start_options)
     try:
         if not truss_server.wait_ready(port, process, ready_timeout_s):
             raise RuntimeError(f"server never became ready:\n{log_path.read_text(errors='replace')[-4000:]}")
-        yield RunningServer(port, log_path)
+        yield RunningServer(port, log_path, process)
     finally:
         truss_server.stop(process)
 

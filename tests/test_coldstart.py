@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from b10_transfer import OperationStatus
 
+from bench import NO_BODY
 from model import coldstart
 from model.cache import B10TransferCache, NoCache, Outcome
 from model.compile import CompileCounters, CompileSettings, WarmupReport, compile_pipeline
@@ -146,6 +147,6 @@ def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(OSError):
         model.load()
     with pytest.raises(RuntimeError, match="before load"):
-        model.predict(REQUEST)
+        model.predict(REQUEST, NO_BODY)
     model.load()
-    assert model.predict(REQUEST).width == 1216
+    assert model.predict(REQUEST, NO_BODY).width == 1216

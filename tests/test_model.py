@@ -7,6 +7,7 @@ import logging
 import pytest
 from fastapi import HTTPException
 
+from bench import NO_BODY
 from model.model import Model
 from model.schema import GenerateRequest
 from model.settings import config_metadata
@@ -43,7 +44,7 @@ def test_token_is_read_and_never_logged(tiny_env: None, caplog: pytest.LogCaptur
     with caplog.at_level(logging.DEBUG):
         model = _model({"hf_access_token": FAKE_TOKEN})
         model.load()
-        model.predict(GenerateRequest(prompt="x", seed=1, width=1216, height=832))
+        model.predict(GenerateRequest(prompt="x", seed=1, width=1216, height=832), NO_BODY)
     assert model._hf_token == FAKE_TOKEN
     assert FAKE_TOKEN not in caplog.text
 
@@ -52,6 +53,6 @@ def test_unserved_size_is_a_400(tiny_env: None) -> None:
     model = _model(None)
     model.load()
     with pytest.raises(HTTPException) as info:
-        model.predict(GenerateRequest(prompt="x", width=512, height=512))
+        model.predict(GenerateRequest(prompt="x", width=512, height=512), NO_BODY)
     assert info.value.status_code == 400
     assert "width/height" in info.value.detail

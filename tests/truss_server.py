@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +54,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(app: Path, port: int, env: Mapping[str, str], log_path: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start `python main.py` in the app directory; stdout and stderr go to log_path (or through)."""
+def start(
+    app: Path,
+    port: int,
+    env: Mapping[str, str],
+    log_path: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `python main.py` in the app directory; stdout and stderr go to log_path (or through).
+
+    `preexec_fn` runs in the child before the server starts, e.g. to set resource limits.
+    """
     full_env = {**os.environ, "INFERENCE_SERVER_PORT": str(port), **env}
     output = log_path.open("wb") if log_path else None
     return subprocess.Popen(
-        [sys.executable, "main.py"], cwd=app, env=full_env, stdout=output, stderr=subprocess.STDOUT if output else None
+        [sys.executable, "main.py"],
+        cwd=app,
+        env=full_env,
+        stdout=output,
+        stderr=subprocess.STDOUT if output else None,
+        preexec_fn=preexec_fn,
     )
 
 
