@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
+import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
@@ -72,23 +72,34 @@ def fake_archive() -> bytes:
     return buffer.getvalue()
 
 
-def _limit_file_size() -> None:
-    # Any file the server writes past 1 MiB fails with EFBIG, as writes to a full disk fail with ENOSPC;
-    # compiled kernels of this small shape stay below it, the cache archive does not.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 320 KiB filesystem: room for a small archive, none for the one a save writes."""
+    mount_point = tmp_path / "full-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the unit tests cover ENOSPC")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_corrupt_archive_and_a_full_disk_on_save(tmp_path: Path) -> None:
-    env = compiled_env(tmp_path)
+def test_corrupt_archive_and_a_full_disk_on_save(tmp_path: Path, full_disk: Path) -> None:
+    env = compiled_env(tmp_path, FLUX_CACHE_DIR=str(full_disk / "cache"))
     archive = archive_path(env)
     archive.parent.mkdir(parents=True)
     archive.write_bytes(os.urandom(200_000))
-    for server in serving(env, tmp_path / "build", preexec_fn=_limit_file_size):
+    for server in serving(env, tmp_path / "build"):
         assert_serves(server)
         log = server.log()
         assert "compile cache restore: error" in log
-        assert "compile cache save: error" in log and "File too large" in log
+        assert "compile cache save: error" in log and "No space left on device" in log
         assert "COMPILE FAILED" not in log, "the compiled model serves"
+    assert archive.stat().st_size == 200_000 and not list(archive.parent.glob(".inductor-*"))
 
 
 def test_truncated_archive(tmp_path: Path) -> None:
