@@ -32,7 +32,7 @@ def child(state: str, workdir: Path) -> dict:
     from model.compile import CompileCounters, warm_up
     from model.model import Model
     from model.schema import GenerateRequest
-    from model.settings import config_metadata
+    from model.settings import Settings, config_metadata
 
     mega_file = workdir / "mega.bin"
     mega_load_s = 0.0
@@ -50,7 +50,7 @@ def child(state: str, workdir: Path) -> dict:
     result = {"state": state, "load_s": round(load_s, 2), "weights_s": round(report.weights_s, 2)}
     if state == "eager":
         # The same warm-up, eagerly: the baseline the compile overhead is measured against.
-        eager = warm_up(engine, int(os.environ.get("FLUX_WARMUP_RUNS", "2")))
+        eager = warm_up(engine, Settings.from_sources().compile.warmup_runs)
         result["compile_warmup_s"] = round(sum(eager.seconds_per_shape.values()), 2)
         result["warmup_per_shape_s"] = eager.seconds_per_shape
     else:
