@@ -68,7 +68,10 @@ class FluxEngine:
 
     def job_for(self, request: GenerateRequest) -> Job:
         """Apply the deployment's rules to a parsed request, raising InvalidRequest for what it cannot serve."""
-        resolution = Resolution(request.width, request.height) if self._valid_sides(request) else None
+        try:
+            resolution: Resolution | None = Resolution(request.width, request.height)
+        except ValueError:
+            resolution = None
         if resolution is None or resolution not in self.resolutions:
             raise InvalidRequest(
                 "width/height",
@@ -93,14 +96,6 @@ class FluxEngine:
             max_tokens=request.max_sequence_length,
             text_length=fitting[0],
         )
-
-    @staticmethod
-    def _valid_sides(request: GenerateRequest) -> bool:
-        try:
-            Resolution(request.width, request.height)
-        except ValueError:
-            return False
-        return True
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         job = self.job_for(request)

@@ -26,15 +26,19 @@ def serving_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
+def _mounted(settings: Settings) -> bool:
+    return settings.weights_path is not None and settings.weights_path.is_dir()
+
+
 def describe_source(settings: Settings) -> str:
     """Where the weights come from, for logs (never includes the token)."""
     source = settings.model_source
     if source in OFFLINE_SOURCES:
         return f"offline architecture {OFFLINE_SOURCES[source]!r} with random weights"
     if source == "hf":
-        if settings.weights_path and settings.weights_path.is_dir():
-            return f"weights mount {settings.weights_path}"
-        return f"Hugging Face repo {settings.repo_id}"
+        return (
+            f"weights mount {settings.weights_path}" if _mounted(settings) else f"Hugging Face repo {settings.repo_id}"
+        )
     return f"local path {source}"
 
 
@@ -51,12 +55,11 @@ def load_pipeline(settings: Settings, hf_token: str | None = None, device: str |
         pipe = build_random_pipeline(OFFLINE_SOURCES[source], device=device, dtype=dtype)
     else:
         if source == "hf":
-            mounted = settings.weights_path is not None and settings.weights_path.is_dir()
-            location = str(settings.weights_path) if mounted else settings.repo_id
-        else:
-            if not Path(source).is_dir():
-                raise FileNotFoundError(f"model_source {source!r} is neither 'hf', an offline spec, nor a directory")
+            location = str(settings.weights_path) if _mounted(settings) else settings.repo_id
+        elif Path(source).is_dir():
             location = source
+        else:
+            raise FileNotFoundError(f"model_source {source!r} is neither 'hf', an offline spec, nor a directory")
         pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
