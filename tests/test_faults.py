@@ -19,7 +19,7 @@ from model.cache import ARCHIVE_NAME, fingerprint
 from model.random_flux import build_random_pipeline
 from model.settings import Settings
 from tests.conftest import RunningServer, decode_jpeg, start_server
-from tests.truss_server import PREDICT_PATH, READY_PATH, build_app, free_port, start, stop
+from tests.truss_server import PREDICT_PATH, READY_PATH, build_app, free_port, start, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -49,10 +49,6 @@ def archive_path(env: dict[str, str]) -> Path:
     """Where the server will look for its archive: the same fingerprint the server computes."""
     settings = Settings.from_sources(environ=env)
     return Path(env["FLUX_CACHE_DIR"]) / fingerprint(settings.fingerprint_facts()) / ARCHIVE_NAME
-
-
-def serving(env: dict[str, str], build_dir: Path, **options) -> Iterator[RunningServer]:
-    yield from start_server(build_dir, env, **options)
 
 
 def assert_serves(server: RunningServer) -> None:
@@ -93,7 +89,7 @@ def test_corrupt_archive_and_a_full_disk_on_save(tmp_path: Path, full_disk: Path
     archive = archive_path(env)
     archive.parent.mkdir(parents=True)
     archive.write_bytes(os.urandom(200_000))
-    for server in serving(env, tmp_path / "build"):
+    for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         log = server.log()
         assert "compile cache restore: error" in log
@@ -108,7 +104,7 @@ def test_truncated_archive(tmp_path: Path) -> None:
     archive.parent.mkdir(parents=True)
     data = fake_archive()
     archive.write_bytes(data[: len(data) // 3])
-    for server in serving(env, tmp_path / "build"):
+    for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         assert "compile cache restore: error" in server.log()
         assert "compile cache save: saved" in server.log(), "a good archive replaces the broken one"
@@ -118,14 +114,14 @@ def test_unreadable_cache_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory should be")
     env = compiled_env(tmp_path, FLUX_CACHE_DIR=str(blocker / "cache"))
-    for server in serving(env, tmp_path / "build"):
+    for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         assert "compile cache save: error" in server.log()
 
 
 def test_b10fs_unavailable(tmp_path: Path) -> None:
     env = compiled_env(tmp_path, FLUX_CACHE_BACKEND="b10-transfer", BASETEN_FS_ENABLED="0")
-    for server in serving(env, tmp_path / "build"):
+    for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         log = server.log()
         assert "compile cache restore: error" in log and "returned ERROR" in log
@@ -133,7 +129,7 @@ def test_b10fs_unavailable(tmp_path: Path) -> None:
 
 def test_torch_compile_raising_serves_eager(tmp_path: Path) -> None:
     env = compiled_env(tmp_path, FLUX_COMPILE_MODE="no-such-mode")
-    for server in serving(env, tmp_path / "build"):
+    for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         assert "COMPILE FAILED, serving EAGER" in server.log()
 
@@ -183,9 +179,7 @@ def test_load_retried_after_a_failure_becomes_ready(tmp_path: Path) -> None:
         stop(process)
 
 
-def assert_serves_when_ready(port: int, process) -> None:
-    from tests.truss_server import wait_ready
-
+def assert_serves_when_ready(port: int, process: subprocess.Popen[bytes]) -> None:
     assert wait_ready(port, process, timeout_s=120)
     response = requests.post(
         f"http://127.0.0.1:{port}{PREDICT_PATH}", json={**BODY, "width": 1024, "height": 1024}, timeout=120
