@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 from model.cache import CacheResult, CompileCache, Outcome, directory_size, inductor_cache_dir
 from model.compile import CompileSettings, WarmupReport, compile_pipeline, warm_up
@@ -20,6 +19,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ColdStartReport:
+    """What load() did and how long each phase took; bench/cold_start.py prints it."""
+
     backend: str
     restore: CacheResult | None = None
     save: CacheResult | None = None
@@ -31,13 +32,6 @@ class ColdStartReport:
     save_s: float = 0.0
     warmup: WarmupReport = field(default_factory=WarmupReport)
     cache_bytes: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("restore", "save"):
-            result = getattr(self, key)
-            data[key] = None if result is None else {**asdict(result), "outcome": result.outcome.value}
-        return data
 
 
 def _logged(action: str, result: CacheResult) -> CacheResult:
