@@ -24,11 +24,11 @@ WARMUP_STEPS = 1
 @dataclass(frozen=True)
 class CompileSettings:
     enabled: bool = True
-    # "default" matched max-autotune-no-cudagraphs' warm latency on an H200 at a tenth of the
-    # compile time and a fifteenth of the cache size (BENCHMARKS.md).
+    # On an H200, "default" matched max-autotune-no-cudagraphs' warm latency at about a tenth of the
+    # compile time and a fifteenth of the cache size.
     mode: str = "default"
-    # Compiling one block of each repeated kind and reusing it cut compile time 2.5x against
-    # compiling the whole transformer, at the same warm latency.
+    # Compiling one block of each repeated kind and reusing it for all 57 blocks compiles about 2.5x
+    # faster than the whole transformer, at nearly the same warm latency.
     regional: bool = True
     compile_vae: bool = True
     # Every served shape is warmed up, so static graphs never recompile on the request path.
