@@ -22,7 +22,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -203,14 +203,15 @@ class B10TransferCache:
     def __init__(self, key: str, root: Path = B10FS_ROOT) -> None:
         self.directory = root / B10FS_CACHE_SUBDIR / key
 
-    def _call(self, function_name: str, outcomes: Mapping[str, Outcome]) -> CacheResult:
+    def _call(
+        self, function_name: str, outcomes: Mapping[str, Outcome], before: Callable[[], None] | None = None
+    ) -> CacheResult:
         started = time.perf_counter()
         try:
             module = importlib.import_module("b10_transfer")
+            if before is not None:
+                before()
             with _environment({"B10FS_CACHE_DIR": str(self.directory)}):
-                if function_name == "save_compile_cache":
-                    self._check_size()
-                    self.directory.mkdir(parents=True, exist_ok=True)
                 status = getattr(module, function_name)()
         except Exception as exc:  # b10fs unavailable, permissions, or a bug in the library: keep serving
             return CacheResult(Outcome.ERROR, f"b10-transfer {function_name} raised {exc!r}")
@@ -220,7 +221,9 @@ class B10TransferCache:
             outcome, f"b10-transfer {function_name} returned {status_name}", time.perf_counter() - started
         )
 
-    def _check_size(self) -> None:
+    def _prepare_save(self) -> None:
+        """Create this fingerprint's directory, and warn when the archive would exceed b10-transfer's cap."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         size_mb = directory_size(inductor_cache_dir()) / 2**20
         limit = int(os.environ.get("MAX_CACHE_SIZE_MB", B10_TRANSFER_MAX_MB))
         if size_mb > limit:
@@ -232,7 +235,7 @@ class B10TransferCache:
         return self._call("load_compile_cache", self.RESTORE_OUTCOMES)
 
     def save(self) -> CacheResult:
-        return self._call("save_compile_cache", self.SAVE_OUTCOMES)
+        return self._call("save_compile_cache", self.SAVE_OUTCOMES, before=self._prepare_save)
 
 
 class LegacyTcacheCache:
