@@ -77,7 +77,7 @@ class Settings:
             return env.get(ENV_PREFIX + key.upper(), meta.get(key, default))
 
         weights_path = pick("weights_path")
-        compile_defaults = CompileSettings()
+        compile_defaults, opt_defaults, cache_defaults = CompileSettings(), Optimizations(), CacheSettings()
         return cls(
             repo_id=str(pick("repo_id")),
             model_source=str(pick("model_source", "hf")),
@@ -92,14 +92,14 @@ class Settings:
                 warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
             ),
             optimizations=Optimizations(
-                fuse_qkv=_as_bool(pick("fuse_qkv", False)),
-                vae_channels_last=_as_bool(pick("vae_channels_last", False)),
-                attention_backend=pick("attention_backend") or None,
-                fp8=_as_bool(pick("fp8", False)),
+                fuse_qkv=_as_bool(pick("fuse_qkv", opt_defaults.fuse_qkv)),
+                vae_channels_last=_as_bool(pick("vae_channels_last", opt_defaults.vae_channels_last)),
+                attention_backend=pick("attention_backend", opt_defaults.attention_backend) or None,
+                fp8=_as_bool(pick("fp8", opt_defaults.fp8)),
             ),
             cache=CacheSettings(
-                backend=str(pick("cache_backend", "auto")),
-                local_dir=Path(pick("cache_dir", DEFAULT_LOCAL_CACHE_DIR)),
+                backend=str(pick("cache_backend", cache_defaults.backend)),
+                local_dir=Path(pick("cache_dir", cache_defaults.local_dir)),
             ),
         )
 
