@@ -23,33 +23,11 @@ import time
 import warnings
 from pathlib import Path
 
-# Each named configuration is a set of FLUX_* overrides of config.yaml; "a+b" combines them.
-CONFIGS: dict[str, dict[str, str]] = {
-    "eager": {"FLUX_COMPILE": "0"},
-    "default": {},
-    "whole": {"FLUX_COMPILE_REGIONAL": "0"},
-    "regional": {"FLUX_COMPILE_REGIONAL": "1"},
-    "no_vae_compile": {"FLUX_COMPILE_VAE": "0"},
-    "fuse_qkv": {"FLUX_FUSE_QKV": "1"},
-    "no_fuse_qkv": {"FLUX_FUSE_QKV": "0"},
-    "channels_last": {"FLUX_VAE_CHANNELS_LAST": "1"},
-    "cudnn": {"FLUX_ATTENTION_BACKEND": "_native_cudnn"},
-    "flash": {"FLUX_ATTENTION_BACKEND": "_native_flash"},
-    "sdpa": {"FLUX_ATTENTION_BACKEND": ""},
-    "max_autotune": {"FLUX_COMPILE_MODE": "max-autotune"},
-    "max_autotune_no_cudagraphs": {"FLUX_COMPILE_MODE": "max-autotune-no-cudagraphs"},
-    "fp8": {"FLUX_FP8": "1"},
-}
+from bench import config_env
+
 # The arithmetic floor at 1024x1024, 4 steps: about 69.5 TFLOP per transformer step at the H200's bf16 (or fp8)
 # matmul rate, plus VAE and T5.
 FLOOR_S = {"bf16": 0.37, "fp8": 0.23}
-
-
-def config_env(name: str) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for part in name.split("+"):
-        env.update(CONFIGS[part])
-    return env
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from model.cache import choose_backend, fingerprint
 from model.coldstart import ColdStartReport, prepare
 from model.engine import FluxEngine, InvalidRequest
-from model.optimize import optimize
+from model.optimize import block_hook, optimize
 from model.pipeline import default_device, load_pipeline
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
@@ -41,9 +41,9 @@ class Model:
         settings = self._settings
         started = time.perf_counter()
         device = default_device()
-        # fp8 is quantized block by block on the way to the GPU, so the bf16 weights are staged on the CPU.
-        staging = "cpu" if settings.optimizations.fp8 else device
-        pipe = load_pipeline(settings, hf_token=self._hf_token, device=staging)
+        pipe = load_pipeline(
+            settings, hf_token=self._hf_token, device=device, on_block=block_hook(settings.optimizations)
+        )
         optimize(pipe, settings.optimizations, device)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started

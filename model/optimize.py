@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxPipeline
 
+from model.blocks import BlockHook
+
 log = logging.getLogger(__name__)
 
 
@@ -33,13 +35,14 @@ class Optimizations:
 
 
 def optimize(pipe: FluxPipeline, opts: Optimizations, device: str) -> None:
-    """Apply every enabled switch to `pipe` in place, and leave it on `device`."""
+    """Apply every enabled switch to `pipe` in place, and leave it on `device`.
+
+    fp8 is the exception: it is applied while the weights load, through `block_hook`.
+    """
     if opts.fuse_qkv:
         pipe.transformer.fuse_qkv_projections()
     if opts.attention_backend:
         pipe.transformer.set_attention_backend(opts.attention_backend)
-    if opts.fp8:
-        _quantize_fp8_onto(pipe.transformer, device)
     pipe.to(device)
     if opts.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
@@ -47,18 +50,16 @@ def optimize(pipe: FluxPipeline, opts: Optimizations, device: str) -> None:
         log.info("optimizations: %s", ", ".join(opts.enabled()))
 
 
-def _quantize_fp8_onto(transformer: torch.nn.Module, device: str) -> None:
-    """Move the transformer to `device` one block at a time, quantizing each on arrival.
-
-    The bf16 transformer alone is 22 GiB: moved whole it would set the peak memory, which fp8 is
-    meant to bring under 22 GiB for a 24 GB GPU.
-    """
+def block_hook(opts: Optimizations) -> BlockHook | None:
+    """What each transformer part goes through as it reaches the GPU (see model.blocks); None when nothing."""
+    if not opts.fp8:
+        return None
     # Imported lazily: torchao is only needed by the fp8 opt-in.
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    for child in transformer.children():
-        for part in child if isinstance(child, torch.nn.ModuleList) else [child]:
-            part.to(device)
-            quantize_(part, config)
-    transformer.to(device)
+
+    def quantize_fp8(part: torch.nn.Module) -> None:
+        quantize_(part, config)
+
+    return quantize_fp8

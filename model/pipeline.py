@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
+from model.blocks import BlockHook, transformer_parts
 from model.random_flux import build_random_pipeline
 from model.settings import Settings
 
@@ -42,17 +43,20 @@ def describe_source(settings: Settings) -> str:
     return f"local path {source}"
 
 
-def load_pipeline(settings: Settings, hf_token: str | None = None, device: str | None = None) -> FluxPipeline:
+def load_pipeline(
+    settings: Settings, hf_token: str | None = None, device: str | None = None, on_block: BlockHook | None = None
+) -> FluxPipeline:
     """Load the pipeline named by settings.model_source onto `device` (cuda when present).
 
-    The dtype is the serving device's, even when `device` is the CPU used as a staging area.
+    With `on_block`, the transformer reaches `device` one part at a time and each part goes through
+    the hook on arrival, so the whole bf16 transformer is never there at once.
     """
     device = device or default_device()
     dtype = serving_dtype()
     source = settings.model_source
     log.info("loading pipeline from %s on %s in %s", describe_source(settings), device, dtype)
     if source in OFFLINE_SOURCES:
-        pipe = build_random_pipeline(OFFLINE_SOURCES[source], device=device, dtype=dtype)
+        pipe = build_random_pipeline(OFFLINE_SOURCES[source], device=device, dtype=dtype, on_block=on_block)
     else:
         if source == "hf":
             location = str(settings.weights_path) if _mounted(settings) else settings.repo_id
@@ -60,6 +64,12 @@ def load_pipeline(settings: Settings, hf_token: str | None = None, device: str |
             location = source
         else:
             raise FileNotFoundError(f"model_source {source!r} is neither 'hf', an offline spec, nor a directory")
-        pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token).to(device)
+        # Read into host memory first; the transformer then moves part by part, the rest whole.
+        pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token)
+        if on_block is not None:
+            for part in transformer_parts(pipe.transformer):
+                part.to(device)
+                on_block(part)
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -8,6 +8,8 @@ Both go through the same FluxPipeline code path as real weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,8 @@ from transformers import (
     T5TokenizerFast,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from model.blocks import BlockHook, transformer_parts
 
 # The real VAE downsamples by 8 (four blocks), so the tiny one serves the same resolutions.
 _VAE_BLOCKS = 4
@@ -123,84 +127,121 @@ def _vae_channels(spec: FluxSpec) -> list[int]:
     return [128, 256, 512, 512]
 
 
+@contextmanager
+def _born(device: torch.device, dtype: torch.dtype, seed: int) -> Iterator[None]:
+    """Modules created inside get weights of `dtype` on `device` from `seed`; the caller's RNG is untouched."""
+    previous_dtype = torch.get_default_dtype()
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), device:
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous_dtype)
+
+
+def _scale_matrices(module: torch.nn.Module, scale: float) -> None:
+    if scale != 1.0:
+        with torch.no_grad():
+            for param in module.parameters():
+                if param.dim() >= 2:
+                    param.mul_(scale)
+
+
+def _random_transformer(
+    spec: FluxSpec, device: torch.device, dtype: torch.dtype, seed: int, on_block: BlockHook | None
+) -> FluxTransformer2DModel:
+    """Built on the meta device, then given weights one part at a time, each part from its own seed."""
+    with _born(torch.device("meta"), dtype, seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=spec.latent_channels * 4,
+            num_layers=spec.layers,
+            num_single_layers=spec.single_layers,
+            attention_head_dim=spec.head_dim,
+            num_attention_heads=spec.heads,
+            joint_attention_dim=spec.text_dim,
+            pooled_projection_dim=spec.clip_dim,
+            guidance_embeds=False,
+            axes_dims_rope=spec.rope_axes,
+        )
+    for index, part in enumerate(transformer_parts(transformer), start=1):
+        part.to_empty(device=device)
+        with _born(device, dtype, seed + index), torch.no_grad():
+            for module in part.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        _scale_matrices(part, spec.weight_scale)
+        if on_block is not None:
+            on_block(part)
+    return transformer
+
+
 def build_random_pipeline(
-    spec_name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    spec_name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    on_block: BlockHook | None = None,
 ) -> FluxPipeline:
-    """Build a FluxPipeline of the named spec directly on `device`; the same seed gives the same weights."""
+    """Build a FluxPipeline of the named spec directly on `device`; the same seed gives the same weights.
+
+    Each transformer part goes through `on_block` before the next one exists, so a hook that
+    quantizes never has the whole bf16 transformer on the device. The weights do not depend on it.
+    """
     try:
         spec = SPECS[spec_name]
     except KeyError:
         raise ValueError(f"unknown architecture {spec_name!r}; known: {', '.join(SPECS)}") from None
+    device = torch.device(device)
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
-    t5_vocab = spec.t5_vocab or len(tokenizer_2)
-    # fork_rng keeps the caller's global RNG untouched; default dtype lets weights be born in `dtype`.
-    previous_dtype = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            transformer = FluxTransformer2DModel(
-                patch_size=1,
-                in_channels=spec.latent_channels * 4,
-                num_layers=spec.layers,
-                num_single_layers=spec.single_layers,
-                attention_head_dim=spec.head_dim,
-                num_attention_heads=spec.heads,
-                joint_attention_dim=spec.text_dim,
-                pooled_projection_dim=spec.clip_dim,
-                guidance_embeds=False,
-                axes_dims_rope=spec.rope_axes,
+    transformer = _random_transformer(spec, device, dtype, seed, on_block)
+    with _born(device, dtype, seed):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=spec.latent_channels,
+            block_out_channels=_vae_channels(spec),
+            layers_per_block=2 if spec.name == "full" else 1,
+            down_block_types=["DownEncoderBlock2D"] * _VAE_BLOCKS,
+            up_block_types=["UpDecoderBlock2D"] * _VAE_BLOCKS,
+            norm_num_groups=spec.vae_groups,
+            mid_block_add_attention=spec.vae_mid_attention,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=spec.clip_dim,
+                intermediate_size=spec.clip_dim * 4,
+                num_attention_heads=spec.clip_heads,
+                num_hidden_layers=spec.clip_layers,
+                projection_dim=spec.clip_dim,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=_CLIP_MAX_LENGTH,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                hidden_act="quick_gelu",
             )
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                latent_channels=spec.latent_channels,
-                block_out_channels=_vae_channels(spec),
-                layers_per_block=2 if spec.name == "full" else 1,
-                down_block_types=["DownEncoderBlock2D"] * _VAE_BLOCKS,
-                up_block_types=["UpDecoderBlock2D"] * _VAE_BLOCKS,
-                norm_num_groups=spec.vae_groups,
-                mid_block_add_attention=spec.vae_mid_attention,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-                scaling_factor=0.3611,
-                shift_factor=0.1159,
+        )
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=spec.t5_vocab or len(tokenizer_2),
+                d_model=spec.text_dim,
+                d_kv=spec.text_dim // spec.t5_heads,
+                d_ff=spec.t5_ff,
+                num_layers=spec.t5_layers,
+                num_heads=spec.t5_heads,
+                feed_forward_proj="gated-gelu",
+                relative_attention_num_buckets=32,
             )
-            clip = CLIPTextModel(
-                CLIPTextConfig(
-                    hidden_size=spec.clip_dim,
-                    intermediate_size=spec.clip_dim * 4,
-                    num_attention_heads=spec.clip_heads,
-                    num_hidden_layers=spec.clip_layers,
-                    projection_dim=spec.clip_dim,
-                    vocab_size=len(tokenizer),
-                    max_position_embeddings=_CLIP_MAX_LENGTH,
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                    hidden_act="quick_gelu",
-                )
-            )
-            t5 = T5EncoderModel(
-                T5Config(
-                    vocab_size=t5_vocab,
-                    d_model=spec.text_dim,
-                    d_kv=spec.text_dim // spec.t5_heads,
-                    d_ff=spec.t5_ff,
-                    num_layers=spec.t5_layers,
-                    num_heads=spec.t5_heads,
-                    feed_forward_proj="gated-gelu",
-                    relative_attention_num_buckets=32,
-                )
-            )
-        finally:
-            torch.set_default_dtype(previous_dtype)
-        if spec.weight_scale != 1.0:
-            with torch.no_grad():
-                for module in (transformer, vae, clip, t5):
-                    for param in module.parameters():
-                        if param.dim() >= 2:
-                            param.mul_(spec.weight_scale)
+        )
+    for module in (vae, clip, t5):
+        _scale_matrices(module, spec.weight_scale)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
         text_encoder=clip.eval(),

@@ -89,6 +89,7 @@ class Settings:
                 mode=str(pick("compile_mode", compile_defaults.mode)),
                 regional=_as_bool(pick("compile_regional", compile_defaults.regional)),
                 compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
+                dynamic=_as_bool(pick("compile_dynamic", compile_defaults.dynamic)),
                 warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
             ),
             optimizations=Optimizations(

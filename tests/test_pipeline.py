@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.blocks import transformer_parts
 from model.engine import FluxEngine
 from model.pipeline import describe_source, load_pipeline
 from model.random_flux import build_random_pipeline
@@ -78,3 +79,21 @@ def test_missing_mount_falls_back_to_the_repo_id(settings: Settings, tmp_path: P
 def test_missing_local_directory_fails_clearly(settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither"):
         load_pipeline(replace(settings, model_source=str(tmp_path / "absent")), device="cpu")
+
+
+@pytest.mark.parametrize("source", ["offline", "local path"])
+def test_block_hook_sees_every_part_with_its_weights_unchanged(
+    settings: Settings, saved_tiny: Path, source: str
+) -> None:
+    if source == "local path":
+        settings = replace(settings, model_source=str(saved_tiny))
+    seen: list[torch.nn.Module] = []
+
+    def hook(part: torch.nn.Module) -> None:
+        assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in part.parameters())
+        seen.append(part)
+
+    hooked = load_pipeline(settings, device="cpu", on_block=hook)
+    assert [id(part) for part in seen] == [id(part) for part in transformer_parts(hooked.transformer)]
+    plain = load_pipeline(settings, device="cpu").transformer.state_dict()
+    assert all(torch.equal(plain[name], value) for name, value in hooked.transformer.state_dict().items())
