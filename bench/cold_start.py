@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -113,10 +114,11 @@ def run_state(state: str, workdir: Path, env: dict[str, str]) -> dict:
         "FLUX_COMPILE": "0" if state == "eager" else "1",
     }
     command = [sys.executable, "-m", "bench.cold_start", "--child", state, "--workdir", str(workdir)]
-    output = subprocess.run(command, env=state_env, capture_output=True, text=True, check=False)
+    # The child's logs stream to this process's stderr as they happen: a run cut short keeps its progress.
+    output = subprocess.run(command, env=state_env, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in output.stdout.splitlines() if line.startswith("{")]
     if output.returncode != 0 or not lines:
-        raise RuntimeError(f"state {state} failed ({output.returncode}):\n{output.stderr[-4000:]}")
+        raise RuntimeError(f"state {state} failed with exit code {output.returncode}; its log is on stderr")
     return json.loads(lines[-1])
 
 
@@ -145,6 +147,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
+        # load()'s progress (weights, compile, each warm-up shape) goes to stderr, which the parent streams.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
         print(json.dumps(child(args.child, args.workdir)), flush=True)
         return
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -119,6 +120,8 @@ def main() -> None:
     resolutions = args.resolutions.split(",")
 
     if args.child:
+        # load()'s progress (weights, compile, each warm-up shape) goes to stderr, which the parent streams.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
         print(json.dumps(child(args.child, args.workdir, resolutions, args.runs)), flush=True)
         return
 
@@ -147,12 +150,13 @@ def main() -> None:
             "--runs",
             str(args.runs),
         ]
+        # The child's logs stream to stderr as they happen: a run cut short still shows how far it got.
         done = subprocess.run(
-            command, env={**base_env, **config_env(name)}, capture_output=True, text=True, check=False
+            command, env={**base_env, **config_env(name)}, stdout=subprocess.PIPE, text=True, check=False
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
-            print(json.dumps({"config": name, "error": done.stderr[-3000:]}), flush=True)
+            print(json.dumps({"config": name, "error": f"exit code {done.returncode}; log on stderr"}), flush=True)
             continue
         results[name] = json.loads(lines[-1])
         print(lines[-1], flush=True)
