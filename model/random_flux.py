@@ -60,7 +60,8 @@ SPECS: dict[str, FluxSpec] = {
     "tiny": FluxSpec(
         name="tiny",
         layers=1,
-        single_layers=1,
+        # Two single blocks, so that a single block's output feeds another, as in the real model.
+        single_layers=2,
         heads=2,
         head_dim=16,
         rope_axes=(4, 6, 6),
