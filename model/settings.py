@@ -90,9 +90,7 @@ class Settings:
                 regional=_as_bool(pick("compile_regional", compile_defaults.regional)),
                 compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
                 dynamic=_as_bool(pick("compile_dynamic", compile_defaults.dynamic)),
-                shared_block_layout=_as_bool(
-                    pick("compile_shared_block_layout", compile_defaults.shared_block_layout)
-                ),
+                shared_block_layout=_as_bool(pick("compile_shared_block_layout", compile_defaults.shared_block_layout)),
                 warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
             ),
             optimizations=Optimizations(
