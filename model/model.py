@@ -17,7 +17,7 @@ from model.cache import choose_backend, fingerprint
 from model.coldstart import ColdStartReport, prepare
 from model.engine import FluxEngine, InvalidRequest
 from model.optimize import block_hook, optimize
-from model.pipeline import default_device, load_pipeline
+from model.pipeline import load_pipeline
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
 
@@ -40,11 +40,8 @@ class Model:
         _log_gpu()
         settings = self._settings
         started = time.perf_counter()
-        device = default_device()
-        pipe = load_pipeline(
-            settings, hf_token=self._hf_token, device=device, on_block=block_hook(settings.optimizations)
-        )
-        optimize(pipe, settings.optimizations, device)
+        pipe = load_pipeline(settings, hf_token=self._hf_token, on_block=block_hook(settings.optimizations))
+        optimize(pipe, settings.optimizations)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started
         cache = choose_backend(

@@ -34,8 +34,8 @@ class Optimizations:
         return [name for name, value in vars(self).items() if value]
 
 
-def optimize(pipe: FluxPipeline, opts: Optimizations, device: str) -> None:
-    """Apply every enabled switch to `pipe` in place, and leave it on `device`.
+def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
+    """Apply every enabled switch to the loaded `pipe` in place.
 
     fp8 is the exception: it is applied while the weights load, through `block_hook`.
     """
@@ -43,7 +43,6 @@ def optimize(pipe: FluxPipeline, opts: Optimizations, device: str) -> None:
         pipe.transformer.fuse_qkv_projections()
     if opts.attention_backend:
         pipe.transformer.set_attention_backend(opts.attention_backend)
-    pipe.to(device)
     if opts.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
     if opts.enabled():

@@ -34,7 +34,7 @@ def test_switches_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 
 def test_switches_keep_the_image(settings: Settings, engine: FluxEngine) -> None:
     pipe = load_pipeline(settings, device="cpu")
-    optimize(pipe, Optimizations(fuse_qkv=True, vae_channels_last=True, attention_backend="_native_math"), "cpu")
+    optimize(pipe, Optimizations(fuse_qkv=True, vae_channels_last=True, attention_backend="_native_math"))
     optimized = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
     # Fused GEMMs and NHWC convolutions sum in another order: a pixel may move by a level or two.
     assert np.abs(pixels(optimized) - pixels(engine)).max() <= 2
