@@ -1,5 +1,8 @@
 """Benchmarks that print JSON lines; see BENCHMARKS.md for the figures and the commands."""
 
+import logging
+import sys
+
 from starlette.requests import Request
 
 # Model.predict's second argument when it is called outside the server: a request declaring no body.
@@ -31,3 +34,8 @@ def config_env(name: str) -> dict[str, str]:
     for part in name.split("+"):
         env.update(CONFIGS[part])
     return env
+
+
+def log_to_stderr() -> None:
+    """In a benchmark's child process: load()'s progress goes to stderr, which the parent streams."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

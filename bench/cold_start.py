@@ -16,7 +16,6 @@ import argparse
 import base64
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import config_env
+from bench import config_env, log_to_stderr
 
 STATES = ("eager", "miss", "hit")
 MEGA_STATES = ("mega-miss", "mega-hit")
@@ -147,8 +146,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        # load()'s progress (weights, compile, each warm-up shape) goes to stderr, which the parent streams.
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        log_to_stderr()
         print(json.dumps(child(args.child, args.workdir)), flush=True)
         return
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
-from bench import config_env
+from bench import config_env, log_to_stderr
 
 # The arithmetic floor at 1024x1024, 4 steps: about 69.5 TFLOP per transformer step at the H200's bf16 (or fp8)
 # matmul rate, plus VAE and T5.
@@ -120,8 +119,7 @@ def main() -> None:
     resolutions = args.resolutions.split(",")
 
     if args.child:
-        # load()'s progress (weights, compile, each warm-up shape) goes to stderr, which the parent streams.
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+        log_to_stderr()
         print(json.dumps(child(args.child, args.workdir, resolutions, args.runs)), flush=True)
         return
 
