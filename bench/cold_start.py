@@ -70,6 +70,7 @@ def child(state: str, workdir: Path) -> dict:
             new_graphs=report.warmup.compiled.fxgraph_misses,
             cached_graphs=report.warmup.compiled.fxgraph_hits,
             cache_bytes=report.cache_bytes,
+            archive_bytes=report.save.size_bytes if report.save else None,
             eager_fallback=report.eager_fallback_reason,
         )
     if state == "mega-miss":

@@ -76,6 +76,44 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def redundant_kernel_dir(inductor_dir: Path) -> Path | None:
+    """Triton's directory under the inductor cache when it duplicates what the FX-graph entries hold, else None.
+
+    With bundle_triton_into_fx_graph_cache (on by default), every FX-graph entry carries its Triton kernels and
+    a cache hit writes them back to this directory, so archiving it stores each kernel twice.
+    """
+    from torch._inductor.triton_bundler import TritonBundler
+
+    kernels = inductor_dir / "triton"
+    return kernels if TritonBundler.is_enabled() and kernels.is_dir() else None
+
+
+def archived_bytes(inductor_dir: Path) -> int:
+    """The bytes of the inductor directory that a save archives: all of it but the redundant kernel copies."""
+    kernels = redundant_kernel_dir(inductor_dir)
+    return directory_size(inductor_dir) - (directory_size(kernels) if kernels else 0)
+
+
+@contextmanager
+def redundant_kernels_set_aside(inductor_dir: Path) -> Iterator[None]:
+    """Move the redundant kernel copies out of the inductor directory while a backend archives it.
+
+    Every backend archives the whole directory (b10-transfer offers no filter); moving within one file
+    system is instant, and the copies come back afterwards, whatever the save did.
+    """
+    kernels = redundant_kernel_dir(inductor_dir)
+    if kernels is None:
+        yield
+        return
+    aside = Path(tempfile.mkdtemp(prefix=".kernels-", dir=inductor_dir.parent))
+    os.replace(kernels, aside / kernels.name)
+    try:
+        yield
+    finally:
+        os.replace(aside / kernels.name, kernels)
+        aside.rmdir()
+
+
 def _has_artifacts(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 

@@ -10,7 +10,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from model.cache import CacheResult, CompileCache, Outcome, directory_size, inductor_cache_dir
+from model.cache import (
+    CacheResult,
+    CompileCache,
+    Outcome,
+    archived_bytes,
+    inductor_cache_dir,
+    redundant_kernels_set_aside,
+)
 from model.compile import CompileSettings, WarmupReport, compile_pipeline, warm_up
 from model.engine import FluxEngine
 
@@ -73,7 +80,8 @@ def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: Compil
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
-        report.save = _logged("save", cache.save())
+        with redundant_kernels_set_aside(inductor_cache_dir()):
+            report.save = _logged("save", cache.save())
         report.save_s = time.perf_counter() - started
-    report.cache_bytes = directory_size(inductor_cache_dir())
+    report.cache_bytes = archived_bytes(inductor_cache_dir())
     return report

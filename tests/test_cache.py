@@ -20,19 +20,24 @@ from model.cache import (
     LocalDirectoryCache,
     NoCache,
     Outcome,
+    archived_bytes,
     choose_backend,
     fingerprint,
+    redundant_kernels_set_aside,
 )
 from model.settings import Settings
 
 
-def fill(directory: Path) -> dict[str, bytes]:
-    """A stand-in inductor directory: nested files of known content."""
-    files = {"fxgraph/ab/entry": b"graph" * 100, "cpp/k.so": os.urandom(2048), "top.json": b"{}"}
+def fill_with(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
     for name, content in files.items():
         (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(content)
     return files
+
+
+def fill(directory: Path) -> dict[str, bytes]:
+    """A stand-in inductor directory: nested files of known content."""
+    return fill_with(directory, {"fxgraph/ab/entry": b"graph" * 100, "cpp/k.so": os.urandom(2048), "top.json": b"{}"})
 
 
 def contents(directory: Path) -> dict[str, bytes]:
@@ -66,6 +71,43 @@ def test_local_miss_save_then_hit_restores_every_file(tmp_path: Path, inductor: 
     restored = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore()
     assert restored.outcome is Outcome.HIT
     assert contents(fresh) == files
+
+
+@pytest.mark.parametrize("bundled", [True, False])
+def test_kernel_copies_are_archived_only_when_graph_entries_lack_them(
+    tmp_path: Path, inductor: Path, bundled: bool
+) -> None:
+    from torch._inductor import config
+
+    files = fill(inductor)
+    kernels = {"triton/0/HASH/kernel.cubin": os.urandom(4096)}
+    fill_with(inductor, kernels)
+    cache = local(tmp_path, inductor)
+    with config.patch(bundle_triton_into_fx_graph_cache=bundled):
+        with redundant_kernels_set_aside(inductor):
+            assert cache.save().outcome is Outcome.SAVED
+        archived = archived_bytes(inductor)
+    assert contents(inductor) == files | kernels, "the local kernels are back after the save"
+
+    fresh = tmp_path / "fresh-inductor"
+    assert LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore().outcome is Outcome.HIT
+    assert contents(fresh) == (files if bundled else files | kernels)
+    assert archived == sum(map(len, contents(fresh).values()))
+    assert not list(tmp_path.glob(".kernels-*")), "nothing is left beside the inductor directory"
+
+
+def test_kernel_copies_come_back_when_the_save_raises(inductor: Path) -> None:
+    from torch._inductor import config
+
+    fill_with(inductor, {"triton/0/HASH/kernel.cubin": b"k"})
+    with (
+        config.patch(bundle_triton_into_fx_graph_cache=True),
+        pytest.raises(OSError),
+        redundant_kernels_set_aside(inductor),
+    ):
+        assert not (inductor / "triton").exists()
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (inductor / "triton/0/HASH/kernel.cubin").read_bytes() == b"k"
 
 
 def test_local_miss_when_nothing_stored(tmp_path: Path, inductor: Path) -> None:
