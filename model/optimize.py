@@ -56,7 +56,9 @@ def block_hook(opts: Optimizations) -> BlockHook | None:
     # Imported lazily: torchao is only needed by the fp8 opt-in.
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # set_inductor_config=False: torchao's recommended settings turn on coordinate-descent tuning for the whole
+    # process, which autotuned every Triton kernel on its first run and kept an fp8 load() compiling for minutes.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
     def quantize_fp8(part: torch.nn.Module) -> None:
         quantize_(part, config)

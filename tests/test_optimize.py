@@ -8,7 +8,7 @@ import torch
 
 from model.engine import FluxEngine
 from model.model import Model
-from model.optimize import Optimizations, optimize
+from model.optimize import Optimizations, block_hook, optimize
 from model.pipeline import load_pipeline
 from model.schema import GenerateRequest
 from model.settings import Settings, config_metadata
@@ -42,3 +42,17 @@ def test_switches_keep_the_image(settings: Settings, engine: FluxEngine) -> None
 
 def test_no_switch_is_on_by_default_on_the_cpu() -> None:
     assert Optimizations().enabled() == []
+
+
+def test_fp8_leaves_inductor_settings_alone() -> None:
+    from torch._inductor import config
+
+    quantize = block_hook(Optimizations(fp8=True))
+    assert quantize is not None
+    with config.patch(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False):
+        try:
+            quantize(torch.nn.Sequential(torch.nn.Linear(64, 64, dtype=torch.bfloat16)))
+        except AssertionError as exc:  # no float8 tensor cores here; torchao checks that after its settings
+            assert "compute capability" in str(exc)
+        assert not config.coordinate_descent_tuning
+        assert not config.coordinate_descent_check_all_directions
