@@ -25,6 +25,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "max_autotune_no_cudagraphs": {"FLUX_COMPILE_MODE": "max-autotune-no-cudagraphs"},
     "dynamic": {"FLUX_COMPILE_DYNAMIC": "1"},
     "no_shared_layout": {"FLUX_COMPILE_SHARED_BLOCK_LAYOUT": "0"},
+    "precompile": {"FLUX_COMPILE_PRECOMPILE": "1"},
     "fp8": {"FLUX_FP8": "1"},
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import json
 import os
@@ -69,6 +70,8 @@ def child(state: str, workdir: Path) -> dict:
             save=report.save.outcome.value if report.save else None,
             new_graphs=report.warmup.compiled.fxgraph_misses,
             cached_graphs=report.warmup.compiled.fxgraph_hits,
+            precompiled=report.warmup.compiled.precompiled,
+            precompiled_loaded=report.warmup.compiled.precompiled_loaded,
             cache_bytes=report.cache_bytes,
             archive_bytes=report.save.size_bytes if report.save else None,
             eager_fallback=report.eager_fallback_reason,
@@ -95,6 +98,7 @@ def child(state: str, workdir: Path) -> dict:
         images[str(resolution)] = {
             "size": [pixels.shape[1], pixels.shape[0]],
             "pixel_std": round(float(pixels.std()), 2),
+            "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()[:16],
         }
     result["graphs_compiled_after_warmup"] = (CompileCounters.now() - before).graphs
     result["request_s"] = latencies

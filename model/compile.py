@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from typing import Any
 
 import torch
 from diffusers import FluxPipeline
 
+from model import precompile
+from model.cache import inductor_cache_dir
 from model.engine import FluxEngine, Job
 from model.resolutions import Resolution
 
@@ -39,6 +41,9 @@ class CompileSettings:
     # Hand the first single block its inputs in the layout every later single block gets, so that one graph
     # serves them all (see _share_single_block_layout): a graph fewer per served shape.
     shared_block_layout: bool = True
+    # Compile ahead of time and save each compiled region as a file (model.precompile): a cache hit then
+    # loads functions instead of tracing every graph with Dynamo again.
+    precompile: bool = False
 
 
 @dataclass
@@ -48,6 +53,8 @@ class CompileCounters:
     graphs: int
     fxgraph_misses: int
     fxgraph_hits: int
+    precompiled: int = 0  # functions compiled ahead of time and saved (model.precompile)
+    precompiled_loaded: int = 0
 
     @classmethod
     def now(cls) -> CompileCounters:
@@ -57,14 +64,12 @@ class CompileCounters:
             graphs=int(counters["stats"]["unique_graphs"]),
             fxgraph_misses=int(counters["inductor"]["fxgraph_cache_miss"]),
             fxgraph_hits=int(counters["inductor"]["fxgraph_cache_hit"]),
+            precompiled=precompile.COUNTERS["compiled"],
+            precompiled_loaded=precompile.COUNTERS["loaded"],
         )
 
     def __sub__(self, other: CompileCounters) -> CompileCounters:
-        return CompileCounters(
-            self.graphs - other.graphs,
-            self.fxgraph_misses - other.fxgraph_misses,
-            self.fxgraph_hits - other.fxgraph_hits,
-        )
+        return CompileCounters(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass
@@ -74,8 +79,9 @@ class WarmupReport:
 
     @property
     def compiled_new(self) -> bool:
-        """True when Inductor produced a graph it did not find in its cache: the cache is worth saving."""
-        return self.compiled.fxgraph_misses > 0
+        """True when Inductor produced a graph it did not find in its cache, or a region was precompiled anew:
+        the cache is worth saving."""
+        return self.compiled.fxgraph_misses > 0 or self.compiled.precompiled > 0
 
 
 def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int) -> Callable[[], None]:
@@ -87,6 +93,10 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int)
     limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
     torch._dynamo.config.recompile_limit = limit
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+    eager_decode = pipe.vae.decode
+    if settings.precompile:
+        _precompile(pipe, settings)
+        return _undo(pipe, eager_decode)
     options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": True}
     if settings.regional:
         pipe.transformer.compile_repeated_blocks(**options)
@@ -94,7 +104,6 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int)
             _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
     else:
         pipe.transformer.compile(**options)
-    eager_decode = pipe.vae.decode
     if settings.compile_vae:
         pipe.vae.decode = torch.compile(eager_decode, **options)
     log.info(
@@ -105,14 +114,43 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int)
         settings.dynamic,
     )
 
+    return _undo(pipe, eager_decode)
+
+
+def _undo(pipe: FluxPipeline, eager_decode: Callable[..., Any]) -> Callable[[], None]:
     def undo() -> None:
         # nn.Module.compile stores the compiled forward in _compiled_call_impl; clearing it restores eager.
-        for module in pipe.transformer.modules():
+        for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
             module._compiled_call_impl = None
         pipe.vae.decode = eager_decode
         torch._dynamo.reset()
 
     return undo
+
+
+def _precompile(pipe: FluxPipeline, settings: CompileSettings) -> None:
+    directory = inductor_cache_dir() / precompile.SUBDIRECTORY
+    transformer = pipe.transformer
+    # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
+    transformer.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    if settings.regional:
+        repeated = set(transformer._repeated_blocks)
+        modules = [m for m in transformer.modules() if type(m).__name__ in repeated]
+    else:
+        modules = [transformer]
+    if settings.compile_vae:
+        # vae.decode itself is wrapped by a diffusers decorator, which cannot be saved; its decoder module can.
+        modules.append(pipe.vae.decoder)
+    precompile.precompile_modules(modules, directory, settings.mode, settings.dynamic)
+    if settings.regional and settings.shared_block_layout:
+        _share_single_block_layout(transformer.single_transformer_blocks[0])
+    log.info(
+        "precompiling the %s transformer%s into %s",
+        "regional (repeated blocks)" if settings.regional else "whole",
+        " and the VAE decode" if settings.compile_vae else "",
+        directory,
+    )
 
 
 def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:

@@ -91,6 +91,7 @@ class Settings:
                 compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
                 dynamic=_as_bool(pick("compile_dynamic", compile_defaults.dynamic)),
                 shared_block_layout=_as_bool(pick("compile_shared_block_layout", compile_defaults.shared_block_layout)),
+                precompile=_as_bool(pick("compile_precompile", compile_defaults.precompile)),
                 warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
             ),
             optimizations=Optimizations(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import config_env
 from bench.cold_start import run_state
 
 pytestmark = pytest.mark.slow
@@ -22,19 +23,25 @@ ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def miss_then_hit(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    workdir: Path = tmp_path_factory.mktemp("cold-start")
-    miss = run_state("miss", workdir, ENV)
-    hit = run_state("hit", workdir, ENV)
+@pytest.fixture(scope="module", params=["default", "precompile"])
+def miss_then_hit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    workdir: Path = tmp_path_factory.mktemp(f"cold-start-{request.param}")
+    env = {**ENV, **config_env(request.param)}
+    miss = run_state("miss", workdir, env)
+    hit = run_state("hit", workdir, env)
     return miss, hit
+
+
+def compiled_regions(state: dict) -> int:
+    """Graphs Inductor compiled, or functions compiled ahead of time with compile_precompile."""
+    return state["new_graphs"] + state["precompiled"]
 
 
 def test_miss_compiles_and_saves(miss_then_hit: tuple[dict, dict]) -> None:
     miss, _ = miss_then_hit
     assert miss["restore"] == "miss"
     # One graph per served shape for each repeated block kind and for the VAE decode, however many blocks.
-    assert miss["new_graphs"] == 3 * len(ENV["FLUX_RESOLUTIONS"].split(","))
+    assert compiled_regions(miss) == 3 * len(ENV["FLUX_RESOLUTIONS"].split(","))
     assert miss["save"] == "saved" and miss["cache_bytes"] > 0
     assert miss["eager_fallback"] is None
 
@@ -42,10 +49,15 @@ def test_miss_compiles_and_saves(miss_then_hit: tuple[dict, dict]) -> None:
 def test_hit_restores_and_skips_the_compile_work(miss_then_hit: tuple[dict, dict]) -> None:
     miss, hit = miss_then_hit
     assert hit["restore"] == "hit"
-    assert hit["new_graphs"] == 0, "every graph came from the restored cache"
-    assert hit["cached_graphs"] == miss["new_graphs"]
+    assert compiled_regions(hit) == 0, "everything came from the restored cache"
+    assert hit["cached_graphs"] + hit["precompiled_loaded"] == compiled_regions(miss)
     assert hit["save"] is None, "nothing new was compiled, so nothing is saved"
     assert hit["compile_warmup_s"] < 0.5 * miss["compile_warmup_s"], (hit, miss)
+
+
+def test_a_hit_serves_the_same_images(miss_then_hit: tuple[dict, dict]) -> None:
+    miss, hit = miss_then_hit
+    assert hit["images"] == miss["images"]
 
 
 def test_no_request_compiles_after_warm_up(miss_then_hit: tuple[dict, dict]) -> None:

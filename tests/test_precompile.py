@@ -1,0 +1,96 @@
+"""Regions compiled ahead of time: saved, loaded without tracing, shared across weights, and robust to bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import precompile
+from model.precompile import input_signature, precompile_modules
+
+pytestmark = pytest.mark.slow
+
+
+class Gate(torch.nn.Module):
+    """A stand-in block: a weight, a tensor input and a plain flag that changes the computation."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, *, double: bool) -> torch.Tensor:
+        y = torch.nn.functional.gelu(self.linear(x))
+        return 2 * y if double else y
+
+
+def eager(module: Gate, x: torch.Tensor, double: bool) -> torch.Tensor:
+    return Gate.forward(module, x, double=double)
+
+
+@pytest.fixture
+def gates(tmp_path: Path) -> list[Gate]:
+    modules = [Gate(seed).requires_grad_(False) for seed in (1, 2)]
+    precompile_modules(modules, tmp_path, mode="default", dynamic=False)
+    return modules
+
+
+def counters() -> dict[str, int]:
+    return dict(precompile.COUNTERS)
+
+
+@torch.inference_mode()
+def test_one_function_per_signature_serves_every_module_of_the_class(gates: list[Gate], tmp_path: Path) -> None:
+    x = torch.randn(4, 8)
+    before = counters()
+    for module in gates:
+        torch.testing.assert_close(module(x, double=False), eager(module, x, False))
+    assert counters()["compiled"] - before["compiled"] == 1, "the second module's weights are inputs, not constants"
+    assert len(list(tmp_path.glob("Gate.forward-*.bin"))) == 1
+
+    # A plain argument and a new shape are new signatures, each with its own function.
+    torch.testing.assert_close(gates[0](x, double=True), eager(gates[0], x, True))
+    wide = torch.randn(6, 8)
+    torch.testing.assert_close(gates[1](wide, double=False), eager(gates[1], wide, False))
+    assert counters()["compiled"] - before["compiled"] == 3
+    assert len(list(tmp_path.glob("Gate.forward-*.bin"))) == 3
+
+
+@torch.inference_mode()
+def test_a_fresh_process_loads_instead_of_compiling(gates: list[Gate], tmp_path: Path) -> None:
+    x = torch.randn(4, 8)
+    expected = gates[0](x, double=False)
+    torch._dynamo.reset()  # nothing traced survives, as in a new process
+
+    restarted = Gate(1).requires_grad_(False)
+    precompile_modules([restarted], tmp_path, mode="default", dynamic=False)
+    before = counters()
+    torch.testing.assert_close(restarted(x, double=False), expected)
+    assert counters()["loaded"] - before["loaded"] == 1
+    assert counters()["compiled"] == before["compiled"]
+
+
+@torch.inference_mode()
+def test_a_damaged_file_is_compiled_again(gates: list[Gate], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    x = torch.randn(4, 8)
+    gates[0](x, double=False)
+    (saved,) = tmp_path.glob("Gate.forward-*.bin")
+    saved.write_bytes(b"not a compiled function")
+
+    restarted = Gate(1).requires_grad_(False)
+    precompile_modules([restarted], tmp_path, mode="default", dynamic=False)
+    before = counters()
+    torch.testing.assert_close(restarted(x, double=False), eager(restarted, x, False))
+    assert counters()["compiled"] - before["compiled"] == 1
+    assert "unusable, compiling again" in caplog.text
+    assert saved.read_bytes() != b"not a compiled function", "the good function replaced the damaged file"
+
+
+def test_inputs_it_cannot_key_are_refused() -> None:
+    assert input_signature((torch.zeros(2, 3), {"flag": True, "scale": None})) == input_signature(
+        (torch.ones(2, 3), {"scale": None, "flag": True})
+    )
+    with pytest.raises(TypeError, match="object"):
+        input_signature(object())
