@@ -53,7 +53,9 @@ class PrecompiledRegion:
             # checked in __call__ covers the tensor guards; the others (module identity) cannot be saved.
             "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe,
         }
-        self._compile = torch.compile(function, fullgraph=True, dynamic=dynamic, options=inductor_options)
+        # Older torch releases (2.11 among them) attach .aot_compile only while this flag is on.
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            self._compile = torch.compile(function, fullgraph=True, dynamic=dynamic, options=inductor_options)
         self._functions: dict[Hashable, Callable[..., Any]] = {}
 
     def __call__(self, owner: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
