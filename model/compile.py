@@ -45,6 +45,11 @@ class CompileSettings:
     # loads functions instead of tracing every graph with Dynamo again.
     precompile: bool = False
 
+    def __post_init__(self) -> None:
+        if self.precompile and not self.regional:
+            # The whole transformer's forward is wrapped by a diffusers decorator, which a saved function cannot name.
+            raise ValueError("compile_precompile needs compile_regional: only the repeated blocks can be precompiled")
+
 
 @dataclass
 class CompileCounters:
@@ -134,21 +139,17 @@ def _precompile(pipe: FluxPipeline, settings: CompileSettings) -> None:
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
     transformer.requires_grad_(False)
     pipe.vae.requires_grad_(False)
-    if settings.regional:
-        repeated = set(transformer._repeated_blocks)
-        modules = [m for m in transformer.modules() if type(m).__name__ in repeated]
-    else:
-        modules = [transformer]
+    repeated = set(transformer._repeated_blocks)
+    modules = [m for m in transformer.modules() if type(m).__name__ in repeated]
     if settings.compile_vae:
         # vae.decode itself is wrapped by a diffusers decorator, which cannot be saved; its decoder module can.
         modules.append(pipe.vae.decoder)
     precompile.precompile_modules(modules, directory, settings.mode, settings.dynamic)
-    if settings.regional and settings.shared_block_layout:
+    if settings.shared_block_layout:
         _share_single_block_layout(transformer.single_transformer_blocks[0])
     log.info(
-        "precompiling the %s transformer%s into %s",
-        "regional (repeated blocks)" if settings.regional else "whole",
-        " and the VAE decode" if settings.compile_vae else "",
+        "precompiling the repeated transformer blocks%s into %s",
+        " and the VAE decoder" if settings.compile_vae else "",
         directory,
     )
 

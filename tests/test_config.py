@@ -6,6 +6,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 from truss.base.truss_config import TrussConfig
 
@@ -69,6 +70,11 @@ def test_environment_overrides_metadata() -> None:
     settings = Settings.from_sources(environ={"FLUX_RESOLUTIONS": "512x512, 768x1024", "FLUX_TEXT_LENGTHS": "128"})
     assert [str(r) for r in settings.resolutions] == ["512x512", "768x1024"]
     assert settings.text_lengths == (128,)
+
+
+def test_precompile_without_regional_compile_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="compile_precompile needs compile_regional"):
+        Settings.from_sources(environ={"FLUX_COMPILE_PRECOMPILE": "1", "FLUX_COMPILE_REGIONAL": "0"})
 
 
 def test_readme_table_lists_the_served_sizes() -> None:
