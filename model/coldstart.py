@@ -47,8 +47,11 @@ def _logged(action: str, result: CacheResult) -> CacheResult:
     return result
 
 
-def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: CompileCache) -> ColdStartReport:
-    """Restore, compile, warm up and save; returns what happened. The engine serves in every outcome."""
+def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: CompileCache, key: str) -> ColdStartReport:
+    """Restore, compile, warm up and save; returns what happened. The engine serves in every outcome.
+
+    `key` is the fingerprint of what shapes the compiled artifacts (model.cache.fingerprint).
+    """
     report = ColdStartReport(backend=cache.name)
     if not compile_settings.enabled:
         log.info("torch.compile disabled: serving eager")
@@ -61,7 +64,7 @@ def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: Compil
     started = time.perf_counter()
     undo = None
     try:
-        undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()))
+        undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()), key=key)
         report.warmup = warm_up(engine, compile_settings.warmup_runs)
         report.compiled = True
     except Exception as exc:

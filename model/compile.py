@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,10 +90,11 @@ class WarmupReport:
         return self.compiled.fxgraph_misses > 0 or self.compiled.precompiled > 0
 
 
-def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int) -> Callable[[], None]:
+def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int, key: str) -> Callable[[], None]:
     """Wrap the transformer and vae.decode in torch.compile; return a function that undoes it.
 
-    `shapes` is the number of served (resolution, text length) pairs: each is its own static graph.
+    `shapes` is the number of served (resolution, text length) pairs: each is its own static graph. `key` is the
+    cache fingerprint: precompiled functions are kept per fingerprint, as the archives are.
     """
     # Past Dynamo's recompile limit (8 per code object) a block would silently run eager.
     limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
@@ -100,7 +102,7 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
     eager_decode = pipe.vae.decode
     if settings.precompile:
-        _precompile(pipe, settings)
+        _precompile(pipe, settings, inductor_cache_dir() / precompile.SUBDIRECTORY / key)
         return _undo(pipe, eager_decode)
     options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": True}
     if settings.regional:
@@ -133,8 +135,8 @@ def _undo(pipe: FluxPipeline, eager_decode: Callable[..., Any]) -> Callable[[], 
     return undo
 
 
-def _precompile(pipe: FluxPipeline, settings: CompileSettings) -> None:
-    directory = inductor_cache_dir() / precompile.SUBDIRECTORY
+def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) -> None:
+    # Per fingerprint: a function saved for other switches (fp8, fused QKV) would run its own graph unchecked.
     transformer = pipe.transformer
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
     transformer.requires_grad_(False)

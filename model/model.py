@@ -44,10 +44,9 @@ class Model:
         optimize(pipe, settings.optimizations)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started
-        cache = choose_backend(
-            settings.cache.backend, fingerprint(settings.fingerprint_facts()), settings.cache.local_dir
-        )
-        self.cold_start = prepare(engine, settings.compile, cache)
+        key = fingerprint(settings.fingerprint_facts())
+        cache = choose_backend(settings.cache.backend, key, settings.cache.local_dir)
+        self.cold_start = prepare(engine, settings.compile, cache, key)
         self.cold_start.weights_s = weights_s
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)

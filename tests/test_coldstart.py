@@ -64,7 +64,7 @@ def test_load_status_table(
 ) -> None:
     fake_module(monkeypatch, "b10_transfer", load=status, save=OperationStatus.SUCCESS)
     calls = fake_compile(monkeypatch, new_graphs)
-    report = coldstart.prepare(fresh_engine, CompileSettings(), B10TransferCache("k", root=tmp_path))
+    report = coldstart.prepare(fresh_engine, CompileSettings(), B10TransferCache("k", root=tmp_path), "k")
     assert calls == ["compile", "warm_up"], "compile and warm-up run whatever the cache said"
     assert report.restore.outcome is restore
     assert (report.save is not None) is saves
@@ -73,7 +73,7 @@ def test_load_status_table(
 
 def test_compile_disabled_touches_no_cache(monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine) -> None:
     calls = fake_compile(monkeypatch, 0)
-    report = coldstart.prepare(fresh_engine, CompileSettings(enabled=False), NoCache())
+    report = coldstart.prepare(fresh_engine, CompileSettings(enabled=False), NoCache(), "k")
     assert calls == [] and report.restore is None and not report.compiled
 
 
@@ -84,7 +84,7 @@ def test_compile_raising_falls_back_to_eager(
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(coldstart, "compile_pipeline", broken)
-    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache())
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), "k")
     assert "inductor exploded" in report.eager_fallback_reason
     assert "COMPILE FAILED, serving EAGER" in caplog.text
     assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
@@ -99,7 +99,7 @@ def test_warm_up_raising_undoes_the_compile(
         raise RuntimeError("warm-up failed")
 
     monkeypatch.setattr(coldstart, "warm_up", broken)
-    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache())
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), "k")
     assert "warm-up failed" in report.eager_fallback_reason
     assert fresh_engine.pipe.vae.decode == eager_decode
     assert all(m._compiled_call_impl is None for m in fresh_engine.pipe.transformer.modules())
@@ -108,7 +108,7 @@ def test_warm_up_raising_undoes_the_compile(
 
 def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
     pipe = fresh_engine.pipe
-    undo = compile_pipeline(pipe, CompileSettings(), shapes=6)
+    undo = compile_pipeline(pipe, CompileSettings(), shapes=6, key="k")
     compiled = [m for m in pipe.transformer.modules() if m._compiled_call_impl is not None]
     assert compiled and all(type(m).__name__.endswith("Block") for m in compiled)
     import torch
