@@ -136,7 +136,8 @@ def _undo(pipe: FluxPipeline, eager_decode: Callable[..., Any]) -> Callable[[], 
 
 
 def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) -> None:
-    # Per fingerprint: a function saved for other switches (fp8, fused QKV) would run its own graph unchecked.
+    # `directory` is per fingerprint: a function saved for other switches (fp8, fused QKV) would run its own graph
+    # unchecked, since its guards on the modules are not saved.
     transformer = pipe.transformer
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
     transformer.requires_grad_(False)
