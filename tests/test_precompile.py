@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from model import precompile
+from model.compile import CompileSettings, compile_pipeline
+from model.engine import FluxEngine
+from model.pipeline import load_pipeline
 from model.precompile import input_signature, precompile_modules
+from model.resolutions import ResolutionRegistry
+from model.schema import GenerateRequest
+from model.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +100,22 @@ def test_inputs_it_cannot_key_are_refused() -> None:
     )
     with pytest.raises(TypeError, match="object"):
         input_signature(object())
+
+
+def test_each_fingerprint_keeps_its_own_functions(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    pipe = load_pipeline(settings, device="cpu")
+    engine = FluxEngine(pipe, ResolutionRegistry.parse(["256x256"]), [256])
+    job = engine.job_for(GenerateRequest(prompt="a red bicycle", width=256, height=256, num_inference_steps=1))
+    for key in ("first-fingerprint", "second-fingerprint"):
+        before = counters()
+        # Without the VAE, which compiles slowest on a CPU and would show nothing more here.
+        undo = compile_pipeline(pipe, CompileSettings(precompile=True, compile_vae=False), shapes=1, key=key)
+        engine.run(job)
+        undo()
+        # The double block and the single block; nothing loaded from the other fingerprint.
+        assert counters()["compiled"] - before["compiled"] == 2
+        assert counters()["loaded"] == before["loaded"]
+        assert len(list((tmp_path / precompile.SUBDIRECTORY / key).glob("*.bin"))) == 2
