@@ -103,28 +103,26 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int,
     eager_decode = pipe.vae.decode
     if settings.precompile:
         _precompile(pipe, settings, inductor_cache_dir() / precompile.SUBDIRECTORY / key)
-        return _undo(pipe, eager_decode)
-    options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": True}
-    if settings.regional:
-        pipe.transformer.compile_repeated_blocks(**options)
-        if settings.shared_block_layout:
-            _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
     else:
-        pipe.transformer.compile(**options)
-    if settings.compile_vae:
-        pipe.vae.decode = torch.compile(eager_decode, **options)
+        options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": True}
+        if settings.regional:
+            pipe.transformer.compile_repeated_blocks(**options)
+        else:
+            pipe.transformer.compile(**options)
+        if settings.compile_vae:
+            pipe.vae.decode = torch.compile(eager_decode, **options)
+    # Both paths fill the blocks' _compiled_call_impl; precompile is always regional (CompileSettings checks).
+    if settings.regional and settings.shared_block_layout:
+        _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
     log.info(
-        "compiling the %s transformer%s with mode=%s dynamic=%s",
+        "%s the %s transformer%s with mode=%s dynamic=%s",
+        "precompiling" if settings.precompile else "compiling",
         "regional (repeated blocks)" if settings.regional else "whole",
         " and the VAE decode" if settings.compile_vae else "",
         settings.mode,
         settings.dynamic,
     )
 
-    return _undo(pipe, eager_decode)
-
-
-def _undo(pipe: FluxPipeline, eager_decode: Callable[..., Any]) -> Callable[[], None]:
     def undo() -> None:
         # nn.Module.compile stores the compiled forward in _compiled_call_impl; clearing it restores eager.
         for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
@@ -136,6 +134,7 @@ def _undo(pipe: FluxPipeline, eager_decode: Callable[..., Any]) -> Callable[[], 
 
 
 def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) -> None:
+    """Route the repeated blocks, and the VAE's decoder, through functions compiled ahead of time."""
     # `directory` is per fingerprint: a function saved for other switches (fp8, fused QKV) would run its own graph
     # unchecked, since its guards on the modules are not saved.
     transformer = pipe.transformer
@@ -148,13 +147,6 @@ def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) 
         # vae.decode itself is wrapped by a diffusers decorator, which cannot be saved; its decoder module can.
         modules.append(pipe.vae.decoder)
     precompile.precompile_modules(modules, directory, settings.mode, settings.dynamic)
-    if settings.shared_block_layout:
-        _share_single_block_layout(transformer.single_transformer_blocks[0])
-    log.info(
-        "precompiling the repeated transformer blocks%s into %s",
-        " and the VAE decoder" if settings.compile_vae else "",
-        directory,
-    )
 
 
 def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:
