@@ -12,7 +12,7 @@ NO_BODY = Request({"type": "http", "headers": []})
 CONFIGS: dict[str, dict[str, str]] = {
     "eager": {"FLUX_COMPILE": "0"},
     "default": {},
-    "whole": {"FLUX_COMPILE_REGIONAL": "0"},
+    "whole": {"FLUX_COMPILE_REGIONAL": "0", "FLUX_COMPILE_PRECOMPILE": "0"},
     "regional": {"FLUX_COMPILE_REGIONAL": "1"},
     "no_vae_compile": {"FLUX_COMPILE_VAE": "0"},
     "fuse_qkv": {"FLUX_FUSE_QKV": "1"},
@@ -26,6 +26,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "dynamic": {"FLUX_COMPILE_DYNAMIC": "1"},
     "no_shared_layout": {"FLUX_COMPILE_SHARED_BLOCK_LAYOUT": "0"},
     "precompile": {"FLUX_COMPILE_PRECOMPILE": "1"},
+    "no_precompile": {"FLUX_COMPILE_PRECOMPILE": "0"},
     "fp8": {"FLUX_FP8": "1"},
 }
 

@@ -78,6 +78,7 @@ class Settings:
 
         weights_path = pick("weights_path")
         compile_defaults, opt_defaults, cache_defaults = CompileSettings(), Optimizations(), CacheSettings()
+        fp8 = _as_bool(pick("fp8", opt_defaults.fp8))
         return cls(
             repo_id=str(pick("repo_id")),
             model_source=str(pick("model_source", "hf")),
@@ -91,14 +92,16 @@ class Settings:
                 compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
                 dynamic=_as_bool(pick("compile_dynamic", compile_defaults.dynamic)),
                 shared_block_layout=_as_bool(pick("compile_shared_block_layout", compile_defaults.shared_block_layout)),
-                precompile=_as_bool(pick("compile_precompile", compile_defaults.precompile)),
+                # fp8 was measured on the GPU with Dynamo's own compile; its quantized weights have never gone
+                # through a precompiled function, so fp8 keeps the measured path.
+                precompile=_as_bool(pick("compile_precompile", compile_defaults.precompile)) and not fp8,
                 warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
             ),
             optimizations=Optimizations(
                 fuse_qkv=_as_bool(pick("fuse_qkv", opt_defaults.fuse_qkv)),
                 vae_channels_last=_as_bool(pick("vae_channels_last", opt_defaults.vae_channels_last)),
                 attention_backend=pick("attention_backend", opt_defaults.attention_backend) or None,
-                fp8=_as_bool(pick("fp8", opt_defaults.fp8)),
+                fp8=fp8,
             ),
             cache=CacheSettings(
                 backend=str(pick("cache_backend", cache_defaults.backend)),

@@ -126,7 +126,7 @@ def test_fingerprint_tracks_what_shapes_the_artifacts() -> None:
     assert key == fingerprint(base.fingerprint_facts())
     changed = [
         replace(base, compile=replace(base.compile, mode="max-autotune")),
-        replace(base, compile=replace(base.compile, regional=False)),
+        replace(base, compile=replace(base.compile, regional=False, precompile=False)),
         replace(base, text_lengths=(256,)),
         replace(base, model_source="full-random"),
         Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny", "FLUX_RESOLUTIONS": "1024x1024"}),

@@ -23,7 +23,7 @@ ENV = {
 }
 
 
-@pytest.fixture(scope="module", params=["default", "precompile"])
+@pytest.fixture(scope="module", params=["default", "no_precompile"])
 def miss_then_hit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     workdir: Path = tmp_path_factory.mktemp(f"cold-start-{request.param}")
     env = {**ENV, **config_env(request.param)}

@@ -1,6 +1,7 @@
 """On a CUDA GPU: the full-size architecture (random bf16 weights) compiles, serves and restarts from the cache.
 
-The FLUX_* settings of the environment apply, e.g. FLUX_COMPILE_PRECOMPILE=1 runs the same checks precompiled.
+The FLUX_* settings of the environment apply, e.g. FLUX_COMPILE_PRECOMPILE=0 runs the same checks without
+precompiled functions.
 """
 
 from __future__ import annotations
