@@ -78,7 +78,7 @@ def test_precompile_without_regional_compile_is_refused_by_name() -> None:
 
 
 def test_fp8_compiles_without_precompiled_functions() -> None:
-    assert Settings.from_sources().compile.precompile
+    assert Settings.from_sources(environ={}).compile.precompile
     settings = Settings.from_sources(environ={"FLUX_FP8": "1"})
     assert settings.optimizations.fp8 and not settings.compile.precompile
 
