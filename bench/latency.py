@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import config_env, log_to_stderr
@@ -35,7 +36,43 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def child(name: str, workdir: Path, resolutions: list[str], runs: int) -> dict:
+# Substrings of CUDA kernel names, in the order they are tried: what each kernel spends its time on.
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+    ("convolution", ("conv", "fprop", "dgrad", "implicit")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "scaled_mm", "triton_tem")),
+    ("triton (fused elementwise and norms)", ("triton",)),
+)
+
+
+def kernel_breakdown(run: Callable[[], object], top: int = 12) -> dict:
+    """GPU time per kind of kernel over one call of `run`, from torch.profiler, and the kernels that take most."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels = [
+        (event.key, event.self_device_time_total / 1e3, event.count)
+        for event in prof.key_averages()
+        if event.self_device_time_total > 0
+    ]
+    by_kind: dict[str, float] = {}
+    for kernel_name, ms, _ in kernels:
+        lowered = kernel_name.lower()
+        kind = next((k for k, needles in KERNEL_KINDS if any(n in lowered for n in needles)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    kernels.sort(key=lambda k: -k[1])
+    return {
+        "gpu_busy_ms": round(sum(ms for _, ms, _ in kernels), 1),
+        "ms_by_kind": {kind: round(ms, 1) for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:120], "ms": round(ms, 2), "calls": c} for n, ms, c in kernels[:top]],
+    }
+
+
+def child(name: str, workdir: Path, resolutions: list[str], runs: int, profile_kernels: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -83,9 +120,15 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int) -> dict:
     result["latency"] = per_resolution
 
     first = Resolution.parse(resolutions[0])
-    job = engine.job_for(
-        GenerateRequest(prompt="a lighthouse on a cliff at dusk", width=first.width, height=first.height, seed=0)
+    first_request = GenerateRequest(
+        prompt="a lighthouse on a cliff at dusk", width=first.width, height=first.height, seed=0
     )
+    if profile_kernels and cuda:
+        try:
+            result["kernels_one_request"] = kernel_breakdown(lambda: model.predict(first_request, NO_BODY))
+        except Exception as exc:  # the latency figures above are worth keeping without the profile
+            result["kernels_one_request"] = {"error": repr(exc)}
+    job = engine.job_for(first_request)
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
@@ -114,13 +157,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--model", default="full-random")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--profile", action="store_true", help="add GPU time per kind of kernel for one request")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     resolutions = args.resolutions.split(",")
 
     if args.child:
         log_to_stderr()
-        print(json.dumps(child(args.child, args.workdir, resolutions, args.runs)), flush=True)
+        print(json.dumps(child(args.child, args.workdir, resolutions, args.runs, args.profile)), flush=True)
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latency-"))
@@ -147,6 +191,7 @@ def main() -> None:
             args.resolutions,
             "--runs",
             str(args.runs),
+            *(["--profile"] if args.profile else []),
         ]
         # The child's logs stream to stderr as they happen: a run cut short still shows how far it got.
         done = subprocess.run(
