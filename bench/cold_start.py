@@ -27,6 +27,7 @@ from pathlib import Path
 from bench import config_env, log_to_stderr
 
 STATES = ("eager", "miss", "hit")
+LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 MEGA_STATES = ("mega-miss", "mega-hit")
 
 
@@ -55,15 +56,20 @@ def child(state: str, workdir: Path) -> dict:
     engine = model._engine
     report = model.cold_start
     result = {"state": state, "load_s": round(load_s, 2), "weights_s": round(report.weights_s, 2)}
+    if LAUNCHED_AT in os.environ:
+        # From the process's launch: the interpreter, the imports (what a server does before load()) and load().
+        result["launch_to_ready_s"] = round(time.time() - float(os.environ[LAUNCHED_AT]), 2)
     if state == "eager":
         # The same warm-up, eagerly: the baseline the compile overhead is measured against.
         eager = warm_up(engine, Settings.from_sources().compile.warmup_runs)
         result["compile_warmup_s"] = round(sum(eager.seconds_per_shape.values()), 2)
         result["warmup_per_shape_s"] = eager.seconds_per_shape
+        result["warmup_runs_per_shape"] = eager.runs_per_shape
     else:
         result.update(
             compile_warmup_s=round(report.compile_warmup_s, 2),
             warmup_per_shape_s=report.warmup.seconds_per_shape,
+            warmup_runs_per_shape=report.warmup.runs_per_shape,
             restore_s=round(report.restore_s + mega_load_s, 2),
             save_s=round(report.save_s, 2),
             restore=report.restore.outcome.value if report.restore else None,
@@ -116,6 +122,7 @@ def run_state(state: str, workdir: Path, env: dict[str, str]) -> dict:
         "FLUX_CACHE_DIR": str(workdir / "cache"),
         "FLUX_CACHE_BACKEND": "local" if state in ("miss", "hit") else "none",
         "FLUX_COMPILE": "0" if state == "eager" else "1",
+        LAUNCHED_AT: str(time.time()),
     }
     command = [sys.executable, "-m", "bench.cold_start", "--child", state, "--workdir", str(workdir)]
     # The child's logs stream to this process's stderr as they happen: a run cut short keeps its progress.

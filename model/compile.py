@@ -36,7 +36,9 @@ class CompileSettings:
     compile_vae: bool = True
     # Every served shape is warmed up, so static graphs never recompile on the request path.
     dynamic: bool = False
-    # Two runs per shape: the first compiles, the second proves no guard fails on reuse.
+    # Up to two runs per shape: the first compiles, the second proves no guard fails on reuse. A shape whose
+    # first run compiled nothing new (a cache hit) runs once: its code already passed that check when it was
+    # compiled, and on an H200 the second runs were about 2 s of a hit's load().
     warmup_runs: int = 2
     # Hand the first single block its inputs in the layout every later single block gets, so that one graph
     # serves them all (see _share_single_block_layout): a graph fewer per served shape.
@@ -79,17 +81,22 @@ class CompileCounters:
     def __sub__(self, other: CompileCounters) -> CompileCounters:
         return CompileCounters(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
+    @property
+    def compiled_new(self) -> bool:
+        """Of a difference: Inductor produced a graph it did not find in its cache, or a region was precompiled."""
+        return self.fxgraph_misses > 0 or self.precompiled > 0
+
 
 @dataclass
 class WarmupReport:
     seconds_per_shape: dict[str, float] = field(default_factory=dict)
+    runs_per_shape: dict[str, int] = field(default_factory=dict)
     compiled: CompileCounters = field(default_factory=lambda: CompileCounters(0, 0, 0))
 
     @property
     def compiled_new(self) -> bool:
-        """True when Inductor produced a graph it did not find in its cache, or a region was precompiled anew:
-        the cache is worth saving."""
-        return self.compiled.fxgraph_misses > 0 or self.compiled.precompiled > 0
+        """True when the warm-up compiled something the cache did not have: the cache is worth saving."""
+        return self.compiled.compiled_new
 
 
 def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int, key: str) -> Callable[[], None]:
@@ -172,17 +179,33 @@ def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:
 
 
 def warm_up(engine: FluxEngine, runs_per_shape: int) -> WarmupReport:
-    """Run every served resolution at every compiled text length, logging progress and seconds."""
+    """Run every served resolution at every compiled text length, logging progress and seconds.
+
+    A shape runs `runs_per_shape` times when its first run compiled something new, and once otherwise.
+    """
     shapes = engine.shapes()
     report = WarmupReport()
     before = CompileCounters.now()
     for index, (resolution, text_length) in enumerate(shapes, start=1):
         started = time.perf_counter()
-        for _ in range(runs_per_shape):
+        before_shape = CompileCounters.now()
+        engine.run(_warmup_job(resolution, text_length))
+        runs = runs_per_shape if (CompileCounters.now() - before_shape).compiled_new else 1
+        for _ in range(runs - 1):
             engine.run(_warmup_job(resolution, text_length))
         seconds = time.perf_counter() - started
-        report.seconds_per_shape[f"{resolution}@{text_length}"] = round(seconds, 3)
-        log.info("warm-up %s, text %d: %d of %d in %.1f s", resolution, text_length, index, len(shapes), seconds)
+        shape = f"{resolution}@{text_length}"
+        report.seconds_per_shape[shape], report.runs_per_shape[shape] = round(seconds, 3), runs
+        log.info(
+            "warm-up %s, text %d: %d of %d in %.1f s (%d run%s)",
+            resolution,
+            text_length,
+            index,
+            len(shapes),
+            seconds,
+            runs,
+            "" if runs == 1 else "s",
+        )
     report.compiled = CompileCounters.now() - before
     return report
 

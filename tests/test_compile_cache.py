@@ -14,12 +14,12 @@ from bench.cold_start import run_state
 
 pytestmark = pytest.mark.slow
 
-# Two served sizes prove that no size recompiles; small ones and one warm-up run keep a CPU compile short.
+# Two served sizes prove that no size recompiles; small ones keep a CPU compile short.
 ENV = {
     "FLUX_MODEL_SOURCE": "tiny",
     "FLUX_RESOLUTIONS": "256x256,512x256",
     "FLUX_TEXT_LENGTHS": "256",
-    "FLUX_WARMUP_RUNS": "1",
+    "FLUX_WARMUP_RUNS": "2",
 }
 
 
@@ -53,6 +53,13 @@ def test_hit_restores_and_skips_the_compile_work(miss_then_hit: tuple[dict, dict
     assert hit["cached_graphs"] + hit["precompiled_loaded"] == compiled_regions(miss)
     assert hit["save"] is None, "nothing new was compiled, so nothing is saved"
     assert hit["compile_warmup_s"] < 0.5 * miss["compile_warmup_s"], (hit, miss)
+
+
+def test_only_shapes_that_compiled_run_their_warm_up_twice(miss_then_hit: tuple[dict, dict]) -> None:
+    miss, hit = miss_then_hit
+    shapes = {"256x256@256", "512x256@256"}
+    assert miss["warmup_runs_per_shape"] == dict.fromkeys(shapes, 2), "each compiled shape is checked on reuse"
+    assert hit["warmup_runs_per_shape"] == dict.fromkeys(shapes, 1), "a hit's shapes compiled nothing: one run"
 
 
 def test_a_hit_serves_the_same_images(miss_then_hit: tuple[dict, dict]) -> None:
