@@ -36,12 +36,14 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-# Substrings of CUDA kernel names, in the order they are tried: what each kernel spends its time on.
+# Substrings of CUDA kernel names, in the order they are tried: what each kernel spends its time on. Inductor's
+# kernels come first: their names list the ops they fuse, which can include attention or a matmul.
 KERNEL_KINDS = (
-    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+    ("matmul", ("triton_tem",)),  # Inductor's matmul templates (max-autotune)
+    ("triton (fused elementwise and norms)", ("triton_",)),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("convolution", ("conv", "fprop", "dgrad", "implicit")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "scaled_mm", "triton_tem")),
-    ("triton (fused elementwise and norms)", ("triton",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "scaled_mm")),
 )
 
 

@@ -93,3 +93,11 @@ def test_build_context_generates_offline(tmp_path: Path) -> None:
     assert (app / "main.py").is_file()
     assert (app / "model" / "model.py").is_file()
     assert yaml.safe_load((app / "config.yaml").read_text())["model_metadata"] == _config()["model_metadata"]
+
+
+def test_the_image_carries_bytecode_for_its_packages(tmp_path: Path) -> None:
+    build_app(tmp_path)
+    dockerfile = (tmp_path / "context" / "Dockerfile").read_text()
+    install = dockerfile.index("requirements.txt")
+    compile_bytecode = dockerfile.index("compileall")
+    assert install < compile_bytecode, "bytecode is compiled after the packages are installed"
