@@ -60,7 +60,7 @@ def child(state: str, workdir: Path) -> dict:
         # From the process's launch: the interpreter, the imports (what a server does before load()) and load().
         result["launch_to_ready_s"] = round(time.time() - float(os.environ[LAUNCHED_AT]), 2)
     if state == "eager":
-        # The same warm-up, eagerly: the baseline the compile overhead is measured against.
+        # The same warm-up, eagerly (one run per shape: nothing compiles): the baseline of the compile overhead.
         eager = warm_up(engine, Settings.from_sources().compile.warmup_runs)
         result["compile_warmup_s"] = round(sum(eager.seconds_per_shape.values()), 2)
         result["warmup_per_shape_s"] = eager.seconds_per_shape
