@@ -195,7 +195,8 @@ def warm_up(engine: FluxEngine, runs_per_shape: int) -> WarmupReport:
             engine.run(_warmup_job(resolution, text_length))
         seconds = time.perf_counter() - started
         shape = f"{resolution}@{text_length}"
-        report.seconds_per_shape[shape], report.runs_per_shape[shape] = round(seconds, 3), runs
+        report.seconds_per_shape[shape] = round(seconds, 3)
+        report.runs_per_shape[shape] = runs
         log.info(
             "warm-up %s, text %d: %d of %d in %.1f s (%d run%s)",
             resolution,
