@@ -90,8 +90,8 @@ class CompileCounters:
 @dataclass
 class WarmupReport:
     seconds_per_shape: dict[str, float] = field(default_factory=dict)
-    runs_per_shape: dict[str, int] = field(default_factory=dict)
     compiled: CompileCounters = field(default_factory=lambda: CompileCounters(0, 0, 0))
+    runs_per_shape: dict[str, int] = field(default_factory=dict)
 
     @property
     def compiled_new(self) -> bool:
