@@ -88,16 +88,23 @@ def test_readme_table_lists_the_served_sizes() -> None:
     assert table in (ROOT / "README.md").read_text()
 
 
-def test_build_context_generates_offline(tmp_path: Path) -> None:
-    app = build_app(tmp_path)
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Truss's generated build context, laid out as the image's /app; generated once for the tests below."""
+    directory = tmp_path_factory.mktemp("build")
+    build_app(directory)
+    return directory
+
+
+def test_build_context_generates_offline(build_dir: Path) -> None:
+    app = build_dir / "app"
     assert (app / "main.py").is_file()
     assert (app / "model" / "model.py").is_file()
     assert yaml.safe_load((app / "config.yaml").read_text())["model_metadata"] == _config()["model_metadata"]
 
 
-def test_the_image_carries_bytecode_for_its_packages(tmp_path: Path) -> None:
-    build_app(tmp_path)
-    dockerfile = (tmp_path / "context" / "Dockerfile").read_text()
+def test_the_image_carries_bytecode_for_its_packages(build_dir: Path) -> None:
+    dockerfile = (build_dir / "context" / "Dockerfile").read_text()
     install = dockerfile.index("requirements.txt")
     compile_bytecode = dockerfile.index("compileall")
     assert install < compile_bytecode, "bytecode is compiled after the packages are installed"
