@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 B10FS_ROOT = Path("/cache/model")  # Baseten's shared cache volume; b10-transfer requires its paths under it
 B10FS_CACHE_SUBDIR = "compile_cache"
-B10_TRANSFER_MAX_MB = 1024  # b10-transfer's default MAX_CACHE_SIZE_MB: larger archives are refused
+GENERATION_PREFIX = "generation-"
 ARCHIVE_NAME = "inductor.tar"
 
 
@@ -227,53 +227,123 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 class B10TransferCache:
     """Baseten's b10-transfer. Its calls return OperationStatus, whose members are all truthy, so each is mapped.
 
-    b10-transfer keys archives only by GPU and CUDA version and skips a save when an archive exists,
-    so every fingerprint gets its own B10FS_CACHE_DIR: a changed config starts a fresh archive.
+    b10-transfer keys an archive only by GPU and CUDA version, and skips a save when that archive exists. So every
+    fingerprint gets its own directory (a changed config starts afresh), and inside it numbered generations: a save
+    always writes the generation after the newest stored one. A hit that still compiled something new therefore
+    reaches the volume instead of being skipped, and every later start restores the fuller archive.
     """
 
     name = "b10-transfer"
 
     # load_compile_cache() status -> what load() does next (the README's table).
     RESTORE_OUTCOMES = {"SUCCESS": Outcome.HIT, "SKIPPED": Outcome.PRESENT, "DOES_NOT_EXIST": Outcome.MISS}
-    # save_compile_cache() status -> outcome. SKIPPED: an archive for this fingerprint exists, or nothing to save.
+    # save_compile_cache() status -> outcome. SKIPPED: another replica stored this generation first.
     SAVE_OUTCOMES = {"SUCCESS": Outcome.SAVED, "SKIPPED": Outcome.EXISTS}
+    # A save keeps the generation before its own: another replica may still be copying it out.
+    KEPT_GENERATIONS = 2
 
     def __init__(self, key: str, root: Path = B10FS_ROOT) -> None:
         self.directory = root / B10FS_CACHE_SUBDIR / key
 
+    def generation_dir(self, generation: int) -> Path:
+        return self.directory / f"{GENERATION_PREFIX}{generation}"
+
+    def stored_generations(self) -> list[int]:
+        """Generations holding a complete archive, newest first (b10-transfer renames an archive into place last)."""
+        try:
+            entries = list(self.directory.iterdir())
+        except OSError:
+            return []
+        generations = []
+        for entry in entries:
+            number = entry.name.removeprefix(GENERATION_PREFIX)
+            if entry.name.startswith(GENERATION_PREFIX) and number.isdigit() and _b10_archive(entry) is not None:
+                generations.append(int(number))
+        return sorted(generations, reverse=True)
+
     def _call(
-        self, function_name: str, outcomes: Mapping[str, Outcome], before: Callable[[], None] | None = None
+        self,
+        function_name: str,
+        outcomes: Mapping[str, Outcome],
+        generation: int,
+        before: Callable[[], None] | None = None,
     ) -> CacheResult:
         started = time.perf_counter()
+        directory = self.generation_dir(generation)
         try:
             module = importlib.import_module("b10_transfer")
             if before is not None:
                 before()
-            with _environment({"B10FS_CACHE_DIR": str(self.directory)}):
+            with _environment({"B10FS_CACHE_DIR": str(directory)}):
                 status = getattr(module, function_name)()
         except Exception as exc:  # b10fs unavailable, permissions, or a bug in the library: keep serving
             return CacheResult(Outcome.ERROR, f"b10-transfer {function_name} raised {exc!r}")
         status_name = getattr(status, "name", str(status))
         outcome = outcomes.get(status_name, Outcome.ERROR)
+        archive = _b10_archive(directory)
         return CacheResult(
-            outcome, f"b10-transfer {function_name} returned {status_name}", time.perf_counter() - started
+            outcome,
+            f"b10-transfer {function_name} returned {status_name} for {directory}",
+            time.perf_counter() - started,
+            archive.stat().st_size if archive is not None else 0,
         )
 
-    def _prepare_save(self) -> None:
-        """Create this fingerprint's directory, and warn when the archive would exceed b10-transfer's cap."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        size_mb = directory_size(inductor_cache_dir()) / 2**20
-        limit = int(os.environ.get("MAX_CACHE_SIZE_MB", B10_TRANSFER_MAX_MB))
-        if size_mb > limit:
-            log.warning(
-                "inductor cache is %.0f MB, over b10-transfer's %d MB limit: the save will fail", size_mb, limit
-            )
-
     def restore(self) -> CacheResult:
-        return self._call("load_compile_cache", self.RESTORE_OUTCOMES)
+        stored = self.stored_generations()
+        return self._call("load_compile_cache", self.RESTORE_OUTCOMES, stored[0] if stored else 0)
 
     def save(self) -> CacheResult:
-        return self._call("save_compile_cache", self.SAVE_OUTCOMES, before=self._prepare_save)
+        stored = self.stored_generations()
+        generation = stored[0] + 1 if stored else 0
+        directory = self.generation_dir(generation)
+        result = self._call(
+            "save_compile_cache",
+            self.SAVE_OUTCOMES,
+            generation,
+            before=lambda: directory.mkdir(parents=True, exist_ok=True),
+        )
+        if result.outcome is Outcome.SAVED:
+            self._drop_generations_before(generation - self.KEPT_GENERATIONS + 1)
+            _warn_near_b10_transfer_cap(result.size_bytes)
+        elif result.outcome is Outcome.ERROR:
+            # b10-transfer logs why on its own logger; the one cause this package can foresee is its size cap.
+            uncompressed_mb = directory_size(inductor_cache_dir()) / 2**20
+            result = replace(
+                result, detail=f"{result.detail} (inductor directory {uncompressed_mb:.0f} MB before compression)"
+            )
+        return result
+
+    def _drop_generations_before(self, oldest_kept: int) -> None:
+        for entry in self.directory.glob(f"{GENERATION_PREFIX}*"):
+            number = entry.name.removeprefix(GENERATION_PREFIX)
+            if number.isdigit() and int(number) < oldest_kept:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _b10_archive(directory: Path) -> Path | None:
+    """The complete archive b10-transfer keeps in `directory`, if any (its name carries b10-transfer's own key)."""
+    try:
+        from b10_transfer.constants import CACHE_FILE_EXTENSION, CACHE_LATEST_SUFFIX
+    except ImportError:
+        return None
+    return next(iter(sorted(directory.glob(f"*{CACHE_LATEST_SUFFIX}{CACHE_FILE_EXTENSION}"))), None)
+
+
+def _warn_near_b10_transfer_cap(archive_bytes: int) -> None:
+    """b10-transfer refuses a compressed archive over MAX_CACHE_SIZE_MB: say so before a growing cache reaches it."""
+    try:
+        from b10_transfer.config import config
+
+        limit_mb = config.MAX_CACHE_SIZE_MB
+    except Exception:  # an unreadable setting only costs the early warning
+        return
+    archive_mb = archive_bytes / 2**20
+    if archive_mb > 0.8 * limit_mb:
+        log.warning(
+            "compile cache archive is %.0f MB, near b10-transfer's %d MB limit (MAX_CACHE_SIZE_MB) on archives",
+            archive_mb,
+            limit_mb,
+        )
 
 
 class LegacyTcacheCache:
@@ -303,23 +373,46 @@ class LegacyTcacheCache:
 BACKENDS = ("auto", "b10-transfer", "b10-tcache", "local", "none")
 
 
-def on_baseten_cache_volume() -> bool:
-    """Baseten sets BASETEN_FS_ENABLED=1 where b10fs is mounted; b10-transfer refuses to work without it."""
-    return os.environ.get("BASETEN_FS_ENABLED") == "1"
+@dataclass(frozen=True)
+class B10fsCheck:
+    enabled: bool
+    reason: str
+    # The environment asks for b10fs but b10-transfer cannot or will not use it: worth a warning.
+    refused: bool = False
+
+
+def b10fs_enabled() -> B10fsCheck:
+    """Whether b10-transfer will work here, decided by b10-transfer's own check, and why.
+
+    It accepts BASETEN_FS_ENABLED spelt "1", "true" or "True", treats "0", "false", "False" and "" as off, and
+    refuses every other value. Deciding it any other way could pick the local directory where b10fs works, and a
+    local directory does not survive a restart: every replica would pay the full miss.
+    """
+    value = os.environ.get("BASETEN_FS_ENABLED")
+    try:
+        from b10_transfer.utils import _is_b10fs_enabled  # private, but the only exact definition
+    except ImportError:
+        return B10fsCheck(False, f"b10-transfer is not installed (BASETEN_FS_ENABLED={value!r})", refused=bool(value))
+    try:
+        enabled = _is_b10fs_enabled()
+    except Exception as exc:  # b10-transfer raises on a value it does not recognise
+        return B10fsCheck(False, f"b10-transfer refuses BASETEN_FS_ENABLED={value!r}: {exc}", refused=True)
+    return B10fsCheck(enabled, f"b10-transfer reads BASETEN_FS_ENABLED={value!r} as {'on' if enabled else 'off'}")
 
 
 def choose_backend(name: str, key: str, local_root: Path) -> CompileCache:
-    """The named backend; "auto" is b10-transfer on Baseten's cache volume and the local directory elsewhere."""
+    """The named backend; "auto" is b10-transfer where b10-transfer says b10fs is on, the local directory elsewhere.
+
+    The choice and its reason are logged: a silent fallback to the local directory turns every cold start into a miss.
+    """
     if name == "auto":
-        if on_baseten_cache_volume():
-            if importlib.util.find_spec("b10_transfer"):
-                name = "b10-transfer"
-            elif importlib.util.find_spec("b10_tcache"):
-                name = "b10-tcache"
-            else:
-                name = "local"
-        else:
-            name = "local"
+        check = b10fs_enabled()
+        name = "b10-transfer" if check.enabled else "local"
+        log.log(
+            logging.WARNING if check.refused else logging.INFO, "compile cache backend: %s (%s)", name, check.reason
+        )
+    else:
+        log.info("compile cache backend: %s (cache_backend setting)", name)
     if name == "b10-transfer":
         return B10TransferCache(key)
     if name == "b10-tcache":

@@ -1,5 +1,8 @@
 """load()'s sequence: restore the compile cache, compile, warm up every served shape, save when new.
 
+The restore needs only the cache key, not the weights, so it runs on a thread while the weights load
+(`restore_in_background`), and `prepare` joins it before compiling.
+
 Neither the cache nor the compiler can fail a deployment: cache problems are logged and cost a
 compile from scratch; a compile or warm-up failure falls back to eager with a loud log.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from model.cache import (
@@ -34,6 +38,7 @@ class ColdStartReport:
     compiled: bool = False
     eager_fallback_reason: str | None = None
     weights_s: float = 0.0
+    # The part of the restore that load() waited for after the weights were in; restore.seconds is all of it.
     restore_s: float = 0.0
     compile_warmup_s: float = 0.0
     save_s: float = 0.0
@@ -47,8 +52,33 @@ def _logged(action: str, result: CacheResult) -> CacheResult:
     return result
 
 
-def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: CompileCache, key: str) -> ColdStartReport:
-    """Restore, compile, warm up and save; returns what happened. The engine serves in every outcome.
+def restore_in_background(cache: CompileCache, compile_settings: CompileSettings) -> Future[CacheResult] | None:
+    """Start restoring the compile cache on a thread; None when nothing will be compiled."""
+    if not compile_settings.enabled:
+        return None
+    log.info("compile cache restore started (%s), alongside the weights", cache.name)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-cache-restore")
+    restoring = executor.submit(cache.restore)
+    executor.shutdown(wait=False)  # the thread ends with the restore
+    return restoring
+
+
+def _joined(restoring: Future[CacheResult]) -> CacheResult:
+    try:
+        return restoring.result()
+    except Exception as exc:  # backends report failures as outcomes; anything else still only costs a compile
+        return CacheResult(Outcome.ERROR, f"restore raised {exc!r}")
+
+
+def prepare(
+    engine: FluxEngine,
+    compile_settings: CompileSettings,
+    cache: CompileCache,
+    key: str,
+    restoring: Future[CacheResult] | None = None,
+) -> ColdStartReport:
+    """Restore (or join `restoring`), compile, warm up and save; returns what happened. The engine serves in every
+    outcome.
 
     `key` is the fingerprint of what shapes the compiled artifacts (model.cache.fingerprint).
     """
@@ -58,7 +88,7 @@ def prepare(engine: FluxEngine, compile_settings: CompileSettings, cache: Compil
         return report
 
     started = time.perf_counter()
-    report.restore = _logged("restore", cache.restore())
+    report.restore = _logged("restore", _joined(restoring) if restoring is not None else cache.restore())
     report.restore_s = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -14,7 +14,7 @@ from fastapi import HTTPException
 from starlette.requests import Request
 
 from model.cache import choose_backend, fingerprint
-from model.coldstart import ColdStartReport, prepare
+from model.coldstart import ColdStartReport, prepare, restore_in_background
 from model.engine import FluxEngine, InvalidRequest
 from model.optimize import block_hook, optimize
 from model.pipeline import load_pipeline
@@ -39,14 +39,17 @@ class Model:
             return
         _log_gpu()
         settings = self._settings
+        # The key also initialises CUDA here, before the restore's thread starts (b10-transfer sets environment
+        # variables while it runs, which must not race CUDA's own reads of them).
+        key = fingerprint(settings.fingerprint_facts())
+        cache = choose_backend(settings.cache.backend, key, settings.cache.local_dir)
+        restoring = restore_in_background(cache, settings.compile)
         started = time.perf_counter()
         pipe = load_pipeline(settings, hf_token=self._hf_token, on_block=block_hook(settings.optimizations))
         optimize(pipe, settings.optimizations)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started
-        key = fingerprint(settings.fingerprint_facts())
-        cache = choose_backend(settings.cache.backend, key, settings.cache.local_dir)
-        self.cold_start = prepare(engine, settings.compile, cache, key)
+        self.cold_start = prepare(engine, settings.compile, cache, key, restoring)
         self.cold_start.weights_s = weights_s
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)

@@ -248,7 +248,8 @@ def test_b10_transfer_status_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     cache = B10TransferCache("feedc0de", root=tmp_path)
     assert cache.restore().outcome is RESTORE_TABLE[status]
     assert cache.save().outcome is SAVE_TABLE[status]
-    assert seen.dirs == [str(tmp_path / "compile_cache" / "feedc0de")] * 2, "each fingerprint has its own directory"
+    first_generation = tmp_path / "compile_cache" / "feedc0de" / "generation-0"
+    assert seen.dirs == [str(first_generation)] * 2, "each fingerprint has its own directory"
     assert os.environ["B10FS_CACHE_DIR"] == "/cache/model/untouched", "the caller's environment is restored"
 
 
@@ -275,14 +276,64 @@ def test_legacy_tcache_missing_is_an_error() -> None:
 # --- choosing a backend ---------------------------------------------------------------------------
 
 
-def test_auto_is_local_off_baseten(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("BASETEN_FS_ENABLED", raising=False)
-    assert isinstance(choose_backend("auto", "k", tmp_path), LocalDirectoryCache)
+# b10-transfer's own reading of BASETEN_FS_ENABLED (b10_transfer.utils): on, off, or refused with an error.
+B10FS_SPELLINGS = {
+    "1": "on",
+    "true": "on",
+    "True": "on",
+    "0": "off",
+    "false": "off",
+    "False": "off",
+    "": "off",
+    None: "off",
+    "yes": "refused",
+    "TRUE": "refused",
+    "on": "refused",
+    " 1": "refused",
+    "2": "refused",
+}
 
 
-def test_auto_is_b10_transfer_on_baseten(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def set_b10fs_enabled(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    if value is None:
+        monkeypatch.delenv("BASETEN_FS_ENABLED", raising=False)
+    else:
+        monkeypatch.setenv("BASETEN_FS_ENABLED", value)
+
+
+@pytest.mark.parametrize(("value", "reading"), B10FS_SPELLINGS.items())
+def test_auto_reads_baseten_fs_enabled_as_b10_transfer_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, value: str | None, reading: str
+) -> None:
+    set_b10fs_enabled(monkeypatch, value)
+    with caplog.at_level("INFO", logger="model.cache"):
+        backend = choose_backend("auto", "k", tmp_path)
+    assert isinstance(backend, B10TransferCache if reading == "on" else LocalDirectoryCache)
+    (record,) = [r for r in caplog.records if "compile cache backend" in r.getMessage()]
+    assert repr(value) in record.getMessage(), "the log names the value it decided on"
+    assert record.levelname == ("WARNING" if reading == "refused" else "INFO")
+
+
+def test_the_spelling_table_is_b10_transfers_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from b10_transfer.utils import CacheValidationError, _is_b10fs_enabled
+
+    for value, reading in B10FS_SPELLINGS.items():
+        set_b10fs_enabled(monkeypatch, value)
+        if reading == "refused":
+            with pytest.raises(CacheValidationError):
+                _is_b10fs_enabled()
+        else:
+            assert _is_b10fs_enabled() is (reading == "on"), value
+
+
+def test_auto_without_b10_transfer_installed_warns(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
-    assert isinstance(choose_backend("auto", "k", tmp_path), B10TransferCache)
+    monkeypatch.setitem(sys.modules, "b10_transfer.utils", None)  # makes the import fail
+    with caplog.at_level("INFO", logger="model.cache"):
+        assert isinstance(choose_backend("auto", "k", tmp_path), LocalDirectoryCache)
+    assert "b10-transfer is not installed" in caplog.text and "WARNING" in [r.levelname for r in caplog.records]
 
 
 @pytest.mark.parametrize(
@@ -338,8 +389,9 @@ def test_real_b10_transfer_round_trip(b10fs: types.SimpleNamespace) -> None:
     files = fill(b10fs.inductor)
     cache = B10TransferCache("roundtrip", root=b10fs.root)
     assert cache.restore().outcome is Outcome.MISS
-    assert cache.save().outcome is Outcome.SAVED
-    assert cache.save().outcome is Outcome.EXISTS, "b10-transfer skips a save when the archive exists"
+    saved = cache.save()
+    assert saved.outcome is Outcome.SAVED and saved.size_bytes > 0, "the real, compressed archive size is reported"
+    assert cache.stored_generations() == [0]
     assert cache.restore().outcome is Outcome.PRESENT, "a non-empty inductor directory is left alone"
 
     shutil.rmtree(b10fs.inductor)
@@ -347,3 +399,50 @@ def test_real_b10_transfer_round_trip(b10fs: types.SimpleNamespace) -> None:
     assert contents(b10fs.inductor) == files
     # Another fingerprint has its own archive: a changed config is never blocked by a stale one.
     assert B10TransferCache("other-config", root=b10fs.root).save().outcome is Outcome.SAVED
+
+
+def test_real_b10_transfer_saves_what_a_hit_compiled_as_a_new_generation(b10fs: types.SimpleNamespace) -> None:
+    import shutil
+
+    b10fs.inductor.mkdir()
+    first = fill(b10fs.inductor)
+    cache = B10TransferCache("generations", root=b10fs.root)
+    assert cache.save().outcome is Outcome.SAVED
+
+    # A later start restores it, compiles one more graph and saves: b10-transfer alone would answer SKIPPED.
+    shutil.rmtree(b10fs.inductor)
+    assert cache.restore().outcome is Outcome.HIT
+    added = fill_with(b10fs.inductor, {"fxgraph/cd/new-entry": b"a graph the first archive lacked"})
+    assert cache.save().outcome is Outcome.SAVED
+    assert cache.stored_generations() == [1, 0]
+
+    shutil.rmtree(b10fs.inductor)
+    assert cache.restore().outcome is Outcome.HIT
+    assert contents(b10fs.inductor) == first | added, "the next start restores the newest generation"
+
+    fill_with(b10fs.inductor, {"fxgraph/ef/third": b"x"})
+    assert cache.save().outcome is Outcome.SAVED
+    assert cache.stored_generations() == [2, 1], "only the newest two generations stay on the volume"
+    assert not cache.generation_dir(0).exists()
+
+
+def test_real_b10_transfer_skips_a_generation_another_replica_stored(b10fs: types.SimpleNamespace) -> None:
+    b10fs.inductor.mkdir()
+    fill(b10fs.inductor)
+    cache = B10TransferCache("race", root=b10fs.root)
+    real_stored = cache.stored_generations
+    # Both replicas looked before either saved; the second finds the first's archive in place.
+    cache.stored_generations = lambda: []
+    assert cache.save().outcome is Outcome.SAVED
+    assert cache.save().outcome is Outcome.EXISTS
+    assert real_stored() == [0]
+
+
+@pytest.mark.parametrize(("value", "reading"), B10FS_SPELLINGS.items())
+def test_real_b10_transfer_works_exactly_where_auto_picks_it(
+    b10fs: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None, reading: str
+) -> None:
+    set_b10fs_enabled(monkeypatch, value)
+    picked = choose_backend("auto", "spelling", tmp_path)
+    outcome = B10TransferCache("spelling", root=b10fs.root).restore().outcome
+    assert isinstance(picked, B10TransferCache) is (outcome is not Outcome.ERROR), (value, outcome)
