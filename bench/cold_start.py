@@ -2,12 +2,18 @@
 
     python -m bench.cold_start                      # tiny model on the CPU, local-directory cache
     python -m bench.cold_start --model full-random  # full-size FLUX.1-schnell, random bf16 weights, on the GPU
+    python -m bench.cold_start --model DIR          # weights from a saved pipeline (bench.weights writes one)
+    python -m bench.cold_start --backend local,b10-transfer   # miss and hit through each backend in turn
     python -m bench.cold_start --mega               # also torch's Mega-Cache, for comparison
     python -m bench.cold_start --config dynamic     # a named configuration of bench.CONFIGS
 
 Each state runs in its own process with its own empty TorchInductor directory; "hit" restores
 only what the cache backend saved during "miss". Prints one JSON line per state, then a summary
-with the ratios hit/miss and (hit - eager)/(miss - eager) of the compile-and-warm-up time.
+with the ratios hit/miss and (hit - eager)/(miss - eager) of the compile-and-warm-up time, and
+what each backend's hit added to load() beyond the weights.
+
+b10-transfer runs for real against b10fs's path on this machine (/cache/model, which needs root),
+with its free-space floors lowered: its defaults ask for about 100 GB free.
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from bench import config_env, log_to_stderr
 
 STATES = ("eager", "miss", "hit")
+BACKENDS = ("local", "b10-transfer")
+B10FS_ROOT = Path("/cache/model")
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 MEGA_STATES = ("mega-miss", "mega-hit")
 
@@ -50,12 +59,21 @@ def child(state: str, workdir: Path) -> dict:
         mega_load_s = time.perf_counter() - started
 
     model = Model(config={"model_metadata": config_metadata()})
+    if state == "miss" and os.environ.get("FLUX_CACHE_BACKEND") == "b10-transfer":
+        _forget_b10_archives(Settings.from_sources())
     started = time.perf_counter()
     model.load()
     load_s = time.perf_counter() - started
     engine = model._engine
     report = model.cold_start
-    result = {"state": state, "load_s": round(load_s, 2), "weights_s": round(report.weights_s, 2)}
+    result = {
+        "state": state,
+        "backend": report.backend,
+        "load_s": round(load_s, 2),
+        "weights_s": round(report.weights_s, 2),
+        # Everything load() did beyond the weights: the restore that the weights did not hide, compile, warm-up, save.
+        "added_to_load_s": round(load_s - report.weights_s, 2),
+    }
     if LAUNCHED_AT in os.environ:
         # From the process's launch: the interpreter, the imports (what a server does before load()) and load().
         result["launch_to_ready_s"] = round(time.time() - float(os.environ[LAUNCHED_AT]), 2)
@@ -71,6 +89,7 @@ def child(state: str, workdir: Path) -> dict:
             warmup_per_shape_s=report.warmup.seconds_per_shape,
             warmup_runs_per_shape=report.warmup.runs_per_shape,
             restore_s=round(report.restore_s + mega_load_s, 2),
+            restore_total_s=round(report.restore.seconds, 2) if report.restore else None,
             save_s=round(report.save_s, 2),
             restore=report.restore.outcome.value if report.restore else None,
             save=report.save.outcome.value if report.save else None,
@@ -112,15 +131,37 @@ def child(state: str, workdir: Path) -> dict:
     return result
 
 
-def run_state(state: str, workdir: Path, env: dict[str, str]) -> dict:
+def _forget_b10_archives(settings) -> None:
+    """A miss must find nothing: remove what an earlier run stored for this fingerprint."""
+    import shutil
+
+    from model.cache import B10TransferCache, fingerprint
+
+    shutil.rmtree(B10TransferCache(fingerprint(settings.fingerprint_facts())).directory, ignore_errors=True)
+
+
+def b10_transfer_env(workdir: Path) -> dict[str, str]:
+    """b10-transfer against b10fs's own path on this machine, with its space floors lowered."""
+    scratch = B10FS_ROOT / f"bench-{uuid.uuid4().hex[:8]}"  # its scratch must sit under /app, /tmp or /cache
+    scratch.mkdir(parents=True, exist_ok=True)
+    return {
+        "BASETEN_FS_ENABLED": "1",
+        "LOCAL_WORK_DIR": str(scratch),
+        "MIN_B10FS_SPACE_MB": "1",
+        "MAX_CONCURRENT_SAVES": "1",
+        "MIN_LOCAL_SPACE_MB": "1",
+    }
+
+
+def run_state(state: str, workdir: Path, env: dict[str, str], backend: str = "local") -> dict:
     """Start a fresh process for one state, with an empty inductor directory of its own."""
-    inductor = workdir / f"inductor-{state}"
+    inductor = workdir / f"inductor-{state}-{backend}"
     state_env = {
         **os.environ,
         **env,
         "TORCHINDUCTOR_CACHE_DIR": str(inductor),
         "FLUX_CACHE_DIR": str(workdir / "cache"),
-        "FLUX_CACHE_BACKEND": "local" if state in ("miss", "hit") else "none",
+        "FLUX_CACHE_BACKEND": backend if state in ("miss", "hit") else "none",
         "FLUX_COMPILE": "0" if state == "eager" else "1",
         LAUNCHED_AT: str(time.time()),
     }
@@ -133,8 +174,15 @@ def run_state(state: str, workdir: Path, env: dict[str, str]) -> dict:
     return json.loads(lines[-1])
 
 
-def summary(results: dict[str, dict]) -> dict:
-    out: dict = {"state": "summary", "cache_bytes": results["miss"].get("cache_bytes")}
+def summary(results: dict[str, dict], backend: str) -> dict:
+    out: dict = {
+        "state": "summary",
+        "backend": backend,
+        "cache_bytes": results["miss"].get("cache_bytes"),
+        "archive_bytes": results["miss"].get("archive_bytes"),
+        "hit_added_to_load_s": results["hit"]["added_to_load_s"],
+        "miss_added_to_load_s": results["miss"]["added_to_load_s"],
+    }
     miss, hit = results["miss"]["compile_warmup_s"], results["hit"]["compile_warmup_s"]
     out["hit_over_miss"] = round(hit / miss, 3)
     if "eager" in results:
@@ -147,7 +195,8 @@ def summary(results: dict[str, dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=["tiny", "full-random"])
+    parser.add_argument("--model", default="tiny", help="tiny, full-random, or a saved pipeline's directory")
+    parser.add_argument("--backend", default="local", help=f"a comma-separated list of {BACKENDS}")
     parser.add_argument("--resolutions", help="override the served sizes, e.g. 1024x1024,1216x832")
     parser.add_argument("--text-lengths", help="override the compiled T5 lengths, e.g. 256")
     parser.add_argument("--mega", action="store_true", help="also measure torch's Mega-Cache")
@@ -162,18 +211,31 @@ def main() -> None:
         print(json.dumps(child(args.child, args.workdir)), flush=True)
         return
 
-    env = {"FLUX_MODEL_SOURCE": args.model, **config_env(args.config)}
+    if args.model in ("tiny", "full-random"):
+        env = {"FLUX_MODEL_SOURCE": args.model}
+    else:  # the weights-mount branch of the loader, as a deployment reads its `weights:` mount
+        env = {"FLUX_MODEL_SOURCE": "hf", "FLUX_WEIGHTS_PATH": str(Path(args.model).resolve())}
+    env.update(config_env(args.config))
     if args.resolutions:
         env["FLUX_RESOLUTIONS"] = args.resolutions
     if args.text_lengths:
         env["FLUX_TEXT_LENGTHS"] = args.text_lengths
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cold-start-"))
-    results = {}
-    states = STATES[1:] if args.skip_eager else STATES
-    for state in states + (MEGA_STATES if args.mega else ()):
-        results[state] = run_state(state, workdir, env)
-        print(json.dumps(results[state]), flush=True)
-    print(json.dumps(summary(results)), flush=True)
+    backends = args.backend.split(",")
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backend {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
+    baseline = {}
+    if not args.skip_eager:
+        baseline["eager"] = run_state("eager", workdir, env)
+        print(json.dumps(baseline["eager"]), flush=True)
+    for backend in backends:
+        backend_env = {**env, **(b10_transfer_env(workdir) if backend == "b10-transfer" else {})}
+        results = dict(baseline)
+        for state in ("miss", "hit") + (MEGA_STATES if args.mega and backend == "local" else ()):
+            results[state] = run_state(state, workdir, backend_env, backend)
+            print(json.dumps(results[state]), flush=True)
+        print(json.dumps(summary(results, backend)), flush=True)
 
 
 if __name__ == "__main__":

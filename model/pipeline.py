@@ -64,12 +64,15 @@ def load_pipeline(
             location = source
         else:
             raise FileNotFoundError(f"model_source {source!r} is neither 'hf', an offline spec, nor a directory")
-        # Read into host memory first; the transformer then moves part by part, the rest whole.
-        pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token)
-        if on_block is not None:
+        if on_block is None:
+            # Straight from the files onto the device, without a host copy of every weight first.
+            pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token, device_map=device)
+        else:
+            # Read into host memory first; the transformer then moves part by part, the rest whole.
+            pipe = FluxPipeline.from_pretrained(location, dtype=dtype, token=hf_token)
             for part in transformer_parts(pipe.transformer):
                 part.to(device)
                 on_block(part)
-        pipe.to(device)
+            pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
