@@ -76,41 +76,48 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def redundant_kernel_dir(inductor_dir: Path) -> Path | None:
-    """Triton's directory under the inductor cache when it duplicates what the FX-graph entries hold, else None.
+def unread_on_a_hit(inductor_dir: Path, precompiled: bool) -> list[Path]:
+    """Directories under the inductor cache that a cache hit never reads, so an archive need not carry them.
 
-    With bundle_triton_into_fx_graph_cache (on by default), every FX-graph entry carries its Triton kernels and
-    a cache hit writes them back to this directory, so archiving it stores each kernel twice.
+    - triton/: with bundle_triton_into_fx_graph_cache (on by default) every compiled entry carries its Triton
+      kernels, and a hit writes them back here, so archiving it stores each kernel twice.
+    - aotautograd/ and fxgraph/, when every compiled region is precompiled: a hit loads each region's saved
+      function (model.precompile), which carries its own compiled code, and never looks these entries up. On an
+      H200 they were 92 of the 204 MB archived (BENCHMARKS.md).
     """
     from torch._inductor.triton_bundler import TritonBundler
 
-    kernels = inductor_dir / "triton"
-    return kernels if TritonBundler.is_enabled() and kernels.is_dir() else None
+    names = (["triton"] if TritonBundler.is_enabled() else []) + (["aotautograd", "fxgraph"] if precompiled else [])
+    return [inductor_dir / name for name in names if (inductor_dir / name).is_dir()]
 
 
-def archived_bytes(inductor_dir: Path) -> int:
-    """The bytes of the inductor directory that a save archives: all of it but the redundant kernel copies."""
-    kernels = redundant_kernel_dir(inductor_dir)
-    return directory_size(inductor_dir) - (directory_size(kernels) if kernels else 0)
+def archived_bytes(inductor_dir: Path, precompiled: bool) -> int:
+    """The bytes of the inductor directory that a save archives: all of it but what a hit never reads."""
+    unread = unread_on_a_hit(inductor_dir, precompiled)
+    return directory_size(inductor_dir) - sum(directory_size(path) for path in unread)
 
 
 @contextmanager
-def redundant_kernels_set_aside(inductor_dir: Path) -> Iterator[None]:
-    """Move the redundant kernel copies out of the inductor directory while a backend archives it.
+def set_aside_what_a_hit_never_reads(inductor_dir: Path, precompiled: bool) -> Iterator[None]:
+    """Move what a hit never reads out of the inductor directory while a backend archives it.
 
     Every backend archives the whole directory (b10-transfer offers no filter); moving within one file
-    system is instant, and the copies come back afterwards, whatever the save did.
+    system is instant, and everything comes back afterwards, whatever the save did.
     """
-    kernels = redundant_kernel_dir(inductor_dir)
-    if kernels is None:
+    unread = unread_on_a_hit(inductor_dir, precompiled)
+    if not unread:
         yield
         return
-    aside = Path(tempfile.mkdtemp(prefix=".kernels-", dir=inductor_dir.parent))
-    os.replace(kernels, aside / kernels.name)
+    aside = Path(tempfile.mkdtemp(prefix=".set-aside-", dir=inductor_dir.parent))
+    moved: list[Path] = []
     try:
+        for path in unread:
+            os.replace(path, aside / path.name)
+            moved.append(path)
         yield
     finally:
-        os.replace(aside / kernels.name, kernels)
+        for path in moved:
+            os.replace(aside / path.name, path)
         aside.rmdir()
 
 

@@ -20,7 +20,7 @@ from model.cache import (
     Outcome,
     archived_bytes,
     inductor_cache_dir,
-    redundant_kernels_set_aside,
+    set_aside_what_a_hit_never_reads,
 )
 from model.compile import CompileSettings, WarmupReport, compile_pipeline, warm_up
 from model.engine import FluxEngine
@@ -113,8 +113,8 @@ def prepare(
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
-        with redundant_kernels_set_aside(inductor_cache_dir()):
+        with set_aside_what_a_hit_never_reads(inductor_cache_dir(), compile_settings.precompile):
             report.save = _logged("save", cache.save())
         report.save_s = time.perf_counter() - started
-    report.cache_bytes = archived_bytes(inductor_cache_dir())
+    report.cache_bytes = archived_bytes(inductor_cache_dir(), compile_settings.precompile)
     return report

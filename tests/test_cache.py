@@ -23,7 +23,7 @@ from model.cache import (
     archived_bytes,
     choose_backend,
     fingerprint,
-    redundant_kernels_set_aside,
+    set_aside_what_a_hit_never_reads,
 )
 from model.settings import Settings
 
@@ -73,41 +73,43 @@ def test_local_miss_save_then_hit_restores_every_file(tmp_path: Path, inductor: 
     assert contents(fresh) == files
 
 
+@pytest.mark.parametrize("precompiled", [True, False])
 @pytest.mark.parametrize("bundled", [True, False])
-def test_kernel_copies_are_archived_only_when_graph_entries_lack_them(
-    tmp_path: Path, inductor: Path, bundled: bool
+def test_an_archive_leaves_out_only_what_a_hit_never_reads(
+    tmp_path: Path, inductor: Path, bundled: bool, precompiled: bool
 ) -> None:
     from torch._inductor import config
 
-    files = fill(inductor)
-    kernels = {"triton/0/HASH/kernel.cubin": os.urandom(4096)}
-    fill_with(inductor, kernels)
+    files = fill_with(inductor, {"precompiled/key/Block.forward-1.bin": os.urandom(2048), "ab/kernel.so": b"so"})
+    kernels = fill_with(inductor, {"triton/0/HASH/kernel.cubin": os.urandom(4096)})
+    graph_entries = fill_with(inductor, {"aotautograd/ab/entry": os.urandom(1024), "fxgraph/cd/entry": b"g"})
     cache = local(tmp_path, inductor)
     with config.patch(bundle_triton_into_fx_graph_cache=bundled):
-        with redundant_kernels_set_aside(inductor):
+        with set_aside_what_a_hit_never_reads(inductor, precompiled):
             assert cache.save().outcome is Outcome.SAVED
-        archived = archived_bytes(inductor)
-    assert contents(inductor) == files | kernels, "the local kernels are back after the save"
+        archived = archived_bytes(inductor, precompiled)
+    assert contents(inductor) == files | kernels | graph_entries, "everything is back after the save"
 
     fresh = tmp_path / "fresh-inductor"
     assert LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore().outcome is Outcome.HIT
-    assert contents(fresh) == (files if bundled else files | kernels)
+    expected = files | ({} if bundled else kernels) | ({} if precompiled else graph_entries)
+    assert contents(fresh) == expected
     assert archived == sum(map(len, contents(fresh).values()))
-    assert not list(tmp_path.glob(".kernels-*")), "nothing is left beside the inductor directory"
+    assert not list(tmp_path.glob(".set-aside-*")), "nothing is left beside the inductor directory"
 
 
-def test_kernel_copies_come_back_when_the_save_raises(inductor: Path) -> None:
+def test_what_was_set_aside_comes_back_when_the_save_raises(inductor: Path) -> None:
     from torch._inductor import config
 
-    fill_with(inductor, {"triton/0/HASH/kernel.cubin": b"k"})
+    fill_with(inductor, {"triton/0/HASH/kernel.cubin": b"k", "aotautograd/ab/entry": b"a"})
     with (
         config.patch(bundle_triton_into_fx_graph_cache=True),
         pytest.raises(OSError),
-        redundant_kernels_set_aside(inductor),
+        set_aside_what_a_hit_never_reads(inductor, precompiled=True),
     ):
-        assert not (inductor / "triton").exists()
+        assert not (inductor / "triton").exists() and not (inductor / "aotautograd").exists()
         raise OSError(errno.ENOSPC, "No space left on device")
-    assert (inductor / "triton/0/HASH/kernel.cubin").read_bytes() == b"k"
+    assert contents(inductor) == {"triton/0/HASH/kernel.cubin": b"k", "aotautograd/ab/entry": b"a"}
 
 
 def test_local_miss_when_nothing_stored(tmp_path: Path, inductor: Path) -> None:
