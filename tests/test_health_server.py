@@ -68,6 +68,7 @@ def test_a_gpu_failure_answers_500_and_turns_readiness_unhealthy(server: Running
     log = server.log()
     assert log.count("replica unhealthy for good") == 1
     assert "illegal memory access" in log
+    assert "Health check failed." in log, "Truss logs each readiness check that is_healthy() failed"
 
 
 def test_bad_requests_leave_health_alone_and_failures_in_a_row_do_not(server: RunningServer) -> None:
