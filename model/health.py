@@ -91,7 +91,7 @@ class ReplicaHealth:
     @property
     def healthy(self) -> bool:
         with self._lock:
-            return self._device_error is None and self._consecutive_failures < self._max_consecutive_failures
+            return self._healthy_holding_lock()
 
     @property
     def device_error(self) -> str | None:
@@ -106,7 +106,7 @@ class ReplicaHealth:
 
     def record_success(self) -> None:
         with self._lock:
-            recovered = self._device_error is None and self._consecutive_failures >= self._max_consecutive_failures
+            recovered = self._device_error is None and not self._healthy_holding_lock()
             self._consecutive_failures = 0
         if recovered:
             log.warning("replica healthy again: a request succeeded after failures in a row")
@@ -115,7 +115,7 @@ class ReplicaHealth:
         """Count an unexpected failure; return the sticky device error it reports, if it does."""
         device_error = sticky_device_error(exc)
         with self._lock:
-            was_healthy = self._device_error is None and self._consecutive_failures < self._max_consecutive_failures
+            was_healthy = self._healthy_holding_lock()
             first_device_error = device_error is not None and self._device_error is None
             if first_device_error:
                 self._device_error = device_error
@@ -136,3 +136,6 @@ class ReplicaHealth:
                 type(exc).__name__,
             )
         return device_error
+
+    def _healthy_holding_lock(self) -> bool:
+        return self._device_error is None and self._consecutive_failures < self._max_consecutive_failures
