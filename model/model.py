@@ -1,4 +1,4 @@
-"""The Truss adapter: read config and secrets, wire the parts in load(), answer predict().
+"""The Truss adapter: read config and secrets, wire the parts in load(), answer predict() and is_healthy().
 
 No `from __future__ import annotations` here: Truss reads predict's annotations at run time to
 parse requests into GenerateRequest and publish the schema, and string annotations hide the type.
@@ -16,6 +16,7 @@ from starlette.requests import Request
 from model.cache import choose_backend, fingerprint
 from model.coldstart import ColdStartReport, prepare, restore_in_background
 from model.engine import FluxEngine, InvalidRequest
+from model.health import ReplicaHealth, gpu_failed_message
 from model.optimize import block_hook, optimize
 from model.pipeline import load_pipeline
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
@@ -30,6 +31,7 @@ class Model:
         self._settings = Settings.from_sources(config.get("model_metadata") or {})
         self._hf_token = _optional_secret(kwargs.get("secrets"), "hf_access_token")
         self._engine: FluxEngine | None = None
+        self._health = ReplicaHealth()
         self.cold_start: ColdStartReport | None = None
 
     def load(self) -> None:
@@ -60,10 +62,27 @@ class Model:
         declared = raw_request.headers.get("content-length", "0")
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             raise HTTPException(status_code=413, detail=f"request body over {MAX_BODY_BYTES} bytes")
+        if (device_error := self._health.device_error) is not None:
+            # Every CUDA call fails after a sticky error: answer at once instead of queueing for a dead GPU.
+            raise HTTPException(status_code=503, detail=gpu_failed_message(device_error, earlier=True))
         try:
-            return self._engine.generate(request)
+            response = self._engine.generate(request)
         except InvalidRequest as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
+        except Exception as exc:
+            device_error = self._health.record_failure(exc)
+            if device_error is None:
+                raise
+            raise HTTPException(status_code=500, detail=gpu_failed_message(device_error)) from exc
+        self._health.record_success()
+        return response
+
+    def is_healthy(self) -> bool:
+        """Truss's readiness route answers 503 while this is False; Baseten then stops traffic and restarts.
+
+        Reads what requests recorded (model/health.py): it never waits for the pipeline's lock or touches the GPU.
+        """
+        return self._engine is not None and self._health.healthy
 
 
 def _optional_secret(secrets: Any, name: str) -> str | None:

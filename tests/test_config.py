@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
-from truss.base.truss_config import TrussConfig
+from truss.base.truss_config import HealthChecks, TrussConfig
 
 from model.schema import GenerateRequest
 from model.settings import CONFIG_PATH, Settings
@@ -108,3 +109,36 @@ def test_the_image_carries_bytecode_for_its_packages(build_dir: Path) -> None:
     install = dockerfile.index("requirements.txt")
     compile_bytecode = dockerfile.index("compileall")
     assert install < compile_bytecode, "bytecode is compiled after the packages are installed"
+
+
+def _health_checks() -> HealthChecks:
+    return TrussConfig.from_yaml(CONFIG_PATH).runtime.health_checks
+
+
+def test_truss_parses_the_health_checks_within_baseten_bounds() -> None:
+    checks = _health_checks()
+    assert checks.startup_threshold_seconds is not None and 10 <= checks.startup_threshold_seconds <= 3000
+    assert checks.stop_traffic_threshold_seconds is not None and 30 <= checks.stop_traffic_threshold_seconds <= 1800
+    assert checks.restart_threshold_seconds is not None and 30 <= checks.restart_threshold_seconds <= 1800
+    assert checks.restart_check_delay_seconds is not None and checks.restart_check_delay_seconds >= 0
+    assert checks.restart_check_delay_seconds + checks.restart_threshold_seconds <= 1800
+    assert checks.stop_traffic_threshold_seconds < checks.restart_threshold_seconds, "traffic stops before a restart"
+
+
+def _slowest_measured_start_s() -> float:
+    """The longest launch to a loaded model in the H200 cold-start runs (load() alone where launch was not timed)."""
+    starts = []
+    for path in (ROOT / "bench" / "results").glob("h200-cold-start-*.jsonl"):
+        for line in path.read_text().splitlines():
+            run = json.loads(line)
+            if "load_s" in run:
+                starts.append(run.get("launch_to_ready_s") or run["load_s"])
+    return max(starts)
+
+
+def test_startup_threshold_covers_the_slowest_measured_cold_start() -> None:
+    slowest = _slowest_measured_start_s()
+    assert slowest >= 171.8, "the cache miss without bytecode (BENCHMARKS.md) is among the runs read"
+    # Twice the slowest start, because those runs built random weights in about a second and the real ones are read
+    # from disk, a time no benchmark here has measured.
+    assert _health_checks().startup_threshold_seconds > 2 * slowest

@@ -1,0 +1,66 @@
+"""Makes a real server's FluxEngine.run fail on chosen words in a prompt, to test health without a GPU.
+
+Python imports `sitecustomize` at start-up from any directory on PYTHONPATH; the health tests put this one there
+for the server they start. It does nothing unless they also set INJECT_DEVICE_ERROR_ON (a prompt containing it
+raises the error an illegal memory access gives) or INJECT_FAILURE_ON (a plain RuntimeError). The product code
+carries no hook: the engine is patched as soon as Truss imports `model.engine`.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
+
+
+def _patch_engine(module: ModuleType, device_error_word: str, failure_word: str) -> None:
+    import torch
+
+    # torch.AcceleratorError is what a CUDA error raises since torch 2.8; older releases raise a RuntimeError.
+    device_error = getattr(torch, "AcceleratorError", RuntimeError)
+    engine = module.FluxEngine
+    original_run = engine.run
+
+    def run(self: Any, job: Any) -> Any:
+        if device_error_word and device_error_word in job.prompt:
+            raise device_error(ILLEGAL_ACCESS)
+        if failure_word and failure_word in job.prompt:
+            raise RuntimeError("injected failure: not a device error")
+        return original_run(self, job)
+
+    engine.run = run
+
+
+class _PatchEngineOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, device_error_word: str, failure_word: str) -> None:
+        self._words = (device_error_word, failure_word)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "model.engine":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        loader = spec.loader
+        execute = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            _patch_engine(module, *self._words)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+_device_error_word = os.environ.get("INJECT_DEVICE_ERROR_ON", "")
+_failure_word = os.environ.get("INJECT_FAILURE_ON", "")
+if _device_error_word or _failure_word:
+    sys.meta_path.insert(0, _PatchEngineOnImport(_device_error_word, _failure_word))
