@@ -23,6 +23,9 @@ from model.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# nvidia-smi only feeds a diagnostic log line; a wedged driver can make it hang, and that must not stall load().
+NVIDIA_SMI_TIMEOUT_S = 30.0
+
 
 class Model:
     def __init__(self, **kwargs: Any) -> None:
@@ -77,5 +80,11 @@ def _log_gpu() -> None:
     if shutil.which("nvidia-smi") is None:
         log.info("no nvidia-smi on this machine: running without a GPU")
         return
-    result = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30, check=False)
+    try:
+        result = subprocess.run(
+            ["nvidia-smi"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False
+        )
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        log.warning("nvidia-smi gave no answer, loading without its report: %s", exc)
+        return
     log.info("nvidia-smi:\n%s", result.stdout or result.stderr)
