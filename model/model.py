@@ -54,12 +54,21 @@ class Model:
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)
 
+    async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
+        """Refuse a body over MAX_BODY_BYTES, measured on the bytes received: a chunked body declares no length.
+
+        Truss has read and parsed the whole body before this runs, so this bounds no memory: only the platform's
+        ingress limit bounds the read. It gives every oversized body that parsed the same answer.
+        """
+        # The server's own Request, whose body Truss has read already: this returns that copy.
+        received = len(await raw_request.body())
+        if received > MAX_BODY_BYTES:
+            raise HTTPException(status_code=413, detail=f"request body of {received} bytes, over {MAX_BODY_BYTES}")
+        return request
+
     def predict(self, request: GenerateRequest, raw_request: Request) -> GenerateResponse:
         if self._engine is None:
             raise RuntimeError("predict called before load")
-        declared = raw_request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
-            raise HTTPException(status_code=413, detail=f"request body over {MAX_BODY_BYTES} bytes")
         try:
             return self._engine.generate(request)
         except InvalidRequest as exc:
