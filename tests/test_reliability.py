@@ -261,6 +261,16 @@ def test_fuzz_never_5xx_and_always_explains(small_server: RunningServer) -> None
     assert requests.get(small_server.url(READY_PATH), timeout=10).status_code == 200
 
 
+@pytest.mark.parametrize(("field", "value"), [("seed", "1E+100000000"), ("width", "1E+100000"), ("width", "2.5")])
+def test_msgpack_decimals_are_quick_400s(small_server: RunningServer, field: str, value: str) -> None:
+    # Pydantic expanded 1E+100000000 to an int for minutes, blocking the event loop; a 1E+100000 width was a 500.
+    body = {"prompt": "x", "width": 256, "height": 256, field: decimal.Decimal(value)}
+    started = time.perf_counter()
+    response = post(small_server, truss_msgpack_serialize(body), MSGPACK, timeout=30)
+    assert time.perf_counter() - started < 10
+    assert response.status_code == 400 and f"`{field}`: " in response.json()["error"]
+
+
 # Truss's own msgpack decoder raises more than ValueError on its extension types, and its server answers those
 # with a 500 before the model runs: only Truss can change that. The exact status is asserted so a change shows.
 CRAFTED_MSGPACK = [
