@@ -26,7 +26,7 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 # The largest valid body (two 4000-character prompts of escaped astral characters) is under 100 KB.
 MAX_BODY_BYTES = 256 * 1024
-# Decimals (msgpack bodies only) are refused beyond 64 bits before conversion; valid values have at most 10 digits.
+# Decimals (msgpack bodies only) of more digits are refused before conversion; valid values have at most 10.
 MAX_INTEGER_DIGITS = 19
 
 
