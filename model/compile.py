@@ -110,6 +110,34 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int,
     torch._dynamo.config.recompile_limit = limit
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
     eager_decode = pipe.vae.decode
+
+    def undo() -> None:
+        # nn.Module.compile stores the compiled forward in _compiled_call_impl; clearing it restores eager.
+        for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
+            module._compiled_call_impl = None
+        pipe.vae.decode = eager_decode
+        torch._dynamo.reset()
+
+    try:
+        _wrap(pipe, settings, eager_decode, key)
+    except BaseException:
+        # The caller gets no undo from a raising call, so undo here whatever was wrapped before the failure:
+        # otherwise the engine would run half compiled while the log says eager.
+        undo()
+        raise
+    log.info(
+        "%s the %s transformer%s with mode=%s dynamic=%s",
+        "precompiling" if settings.precompile else "compiling",
+        "regional (repeated blocks)" if settings.regional else "whole",
+        " and the VAE decode" if settings.compile_vae else "",
+        settings.mode,
+        settings.dynamic,
+    )
+    return undo
+
+
+def _wrap(pipe: FluxPipeline, settings: CompileSettings, eager_decode: Callable[..., Any], key: str) -> None:
+    """Route the transformer (its repeated blocks, or all of it) and the VAE decode through compiled functions."""
     if settings.precompile:
         _precompile(pipe, settings, inductor_cache_dir() / precompile.SUBDIRECTORY / key)
     else:
@@ -123,23 +151,6 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int,
     # Both paths fill the blocks' _compiled_call_impl; precompile is always regional (CompileSettings checks).
     if settings.regional and settings.shared_block_layout:
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
-    log.info(
-        "%s the %s transformer%s with mode=%s dynamic=%s",
-        "precompiling" if settings.precompile else "compiling",
-        "regional (repeated blocks)" if settings.regional else "whole",
-        " and the VAE decode" if settings.compile_vae else "",
-        settings.mode,
-        settings.dynamic,
-    )
-
-    def undo() -> None:
-        # nn.Module.compile stores the compiled forward in _compiled_call_impl; clearing it restores eager.
-        for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
-            module._compiled_call_impl = None
-        pipe.vae.decode = eager_decode
-        torch._dynamo.reset()
-
-    return undo
 
 
 def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) -> None:

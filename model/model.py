@@ -24,6 +24,9 @@ from model.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# nvidia-smi only feeds a diagnostic log line; a wedged driver can make it hang, and that must not stall load().
+NVIDIA_SMI_TIMEOUT_S = 30.0
+
 
 class Model:
     def __init__(self, **kwargs: Any) -> None:
@@ -56,12 +59,21 @@ class Model:
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)
 
+    async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
+        """Refuse a body over MAX_BODY_BYTES, measured on the bytes received: a chunked body declares no length.
+
+        Truss has read and parsed the whole body before this runs, so this bounds no memory: only the platform's
+        ingress limit bounds the read. It gives every oversized body that parsed the same answer.
+        """
+        # The server's own Request, whose body Truss has read already: this returns that copy.
+        received = len(await raw_request.body())
+        if received > MAX_BODY_BYTES:
+            raise HTTPException(status_code=413, detail=f"request body of {received} bytes, over {MAX_BODY_BYTES}")
+        return request
+
     def predict(self, request: GenerateRequest, raw_request: Request) -> GenerateResponse:
         if self._engine is None:
             raise RuntimeError("predict called before load")
-        declared = raw_request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
-            raise HTTPException(status_code=413, detail=f"request body over {MAX_BODY_BYTES} bytes")
         if (device_error := self._health.device_error) is not None:
             # Every CUDA call fails after a sticky error: answer at once instead of queueing for a dead GPU.
             raise HTTPException(status_code=503, detail=gpu_failed_message(device_error, earlier=True))
@@ -99,5 +111,11 @@ def _log_gpu() -> None:
     if shutil.which("nvidia-smi") is None:
         log.info("no nvidia-smi on this machine: running without a GPU")
         return
-    result = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30, check=False)
+    try:
+        result = subprocess.run(
+            ["nvidia-smi"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False
+        )
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        log.warning("nvidia-smi gave no answer, loading without its report: %s", exc)
+        return
     log.info("nvidia-smi:\n%s", result.stdout or result.stderr)

@@ -3,6 +3,9 @@
 FLUX pads the T5 sequence to a fixed length, and that length is part of the transformer's
 input shape. The compiled graphs are static, so the sequence is always padded to one of the
 served text lengths, while the prompt itself is cut at the request's max_sequence_length tokens.
+
+Both encoders are tokenized here rather than by FluxPipeline, whose CLIP path logs the truncated part of
+a long prompt at WARNING: user text would reach the logs. Only token counts are logged.
 """
 
 from __future__ import annotations
@@ -26,13 +29,26 @@ def t5_token_ids(pipe: FluxPipeline, text: str, max_tokens: int, padded_length: 
     return torch.tensor([ids])
 
 
+def clip_token_ids(pipe: FluxPipeline, text: str) -> torch.Tensor:
+    """CLIP's token ids, truncated and padded to its fixed length (77), as FluxPipeline tokenizes them."""
+    tokenizer = pipe.tokenizer
+    length = pipe.tokenizer_max_length
+    ids = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    full_length = len(tokenizer(text, truncation=False)["input_ids"])
+    if full_length > length:
+        log.info("prompt truncated from %d to %d CLIP tokens", full_length, length)
+    return ids
+
+
 @torch.inference_mode()
 def encode_prompts(
     pipe: FluxPipeline, prompt: str, prompt2: str | None, max_tokens: int, padded_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (T5 sequence embeddings, CLIP pooled embeddings), as FluxPipeline expects them."""
     device = pipe.transformer.device
-    pooled = pipe._get_clip_prompt_embeds(prompt=prompt, device=device)
+    clip = pipe.text_encoder
+    pooled = clip(clip_token_ids(pipe, prompt).to(clip.device), output_hidden_states=False).pooler_output
     ids = t5_token_ids(pipe, prompt2 if prompt2 is not None else prompt, max_tokens, padded_length)
     sequence = pipe.text_encoder_2(ids.to(pipe.text_encoder_2.device), output_hidden_states=False)[0]
-    return sequence.to(device=device, dtype=pipe.transformer.dtype), pooled.to(pipe.transformer.dtype)
+    dtype = pipe.transformer.dtype
+    return sequence.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)

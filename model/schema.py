@@ -9,6 +9,7 @@ sizes and text lengths) run in the engine, which knows them, and also answer 400
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,6 +26,8 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 # The largest valid body (two 4000-character prompts of escaped astral characters) is under 100 KB.
 MAX_BODY_BYTES = 256 * 1024
+# Decimals (msgpack bodies only) of more digits are refused before conversion; valid values have at most 10.
+MAX_INTEGER_DIGITS = 19
 
 
 class GenerateRequest(BaseModel):
@@ -76,6 +79,8 @@ class GenerateRequest(BaseModel):
             raise ValueError("must be an integer, not a boolean")
         if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise ValueError("must be an integer")
+        if isinstance(value, Decimal):
+            return _decimal_integer(value)
         return value
 
     @field_validator("guidance_scale", mode="before")
@@ -84,6 +89,21 @@ class GenerateRequest(BaseModel):
         if isinstance(value, bool):
             raise ValueError("must be a number, not a boolean")
         return value
+
+
+def _decimal_integer(value: Decimal) -> int:
+    """A decimal from a msgpack body (Truss decodes its Decimal extension) as an int, refusing it while cheap.
+
+    Pydantic turns a decimal into an int by expanding it: 1E+100000000 took minutes of the event loop, which
+    parses bodies, and a range check comes only after that.
+    """
+    if value.is_zero():
+        return 0
+    if not value.is_finite() or value != value.to_integral_value():
+        raise ValueError("must be an integer")
+    if value.adjusted() >= MAX_INTEGER_DIGITS:
+        raise ValueError(f"must have at most {MAX_INTEGER_DIGITS} digits")
+    return int(value)
 
 
 class GenerateResponse(BaseModel):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -41,6 +42,43 @@ def decode_jpeg(data: str) -> Image.Image:
     image.load()
     assert image.format == "JPEG"
     return image
+
+
+class LogRecorder(logging.Handler):
+    """Keeps every record it is handed, formatted with its traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def all_logs() -> Iterator[LogRecorder]:
+    """Every record at DEBUG and above from every logger, including diffusers' and transformers', which do not
+    propagate to the root logger (so caplog alone never sees them)."""
+    recorder = LogRecorder()
+    loggers = [logging.getLogger()]
+    loggers += [item for item in logging.Logger.manager.loggerDict.values() if isinstance(item, logging.Logger)]
+    levels = {logger: logger.level for logger in loggers}
+    # A record stops at the first logger that does not propagate, so each is seen exactly once.
+    listening = [logger for logger in loggers if logger is loggers[0] or not logger.propagate]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+    for logger in listening:
+        logger.addHandler(recorder)
+    try:
+        yield recorder
+    finally:
+        for logger in listening:
+            logger.removeHandler(recorder)
+        for logger, level in levels.items():
+            logger.setLevel(level)
 
 
 @pytest.fixture

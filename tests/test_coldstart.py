@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from b10_transfer import OperationStatus
 
 from bench import NO_BODY
 from model import coldstart
-from model.cache import B10TransferCache, NoCache, Outcome
+from model import compile as compile_module
+from model import model as model_module
+from model.cache import B10TransferCache, CacheResult, NoCache, Outcome
 from model.compile import CompileCounters, CompileSettings, WarmupReport, compile_pipeline
 from model.engine import FluxEngine
 from model.model import Model
@@ -149,4 +157,132 @@ def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(RuntimeError, match="before load"):
         model.predict(REQUEST, NO_BODY)
     model.load()
+    assert model.predict(REQUEST, NO_BODY).width == 1216
+
+
+# --- faults outside the cache and the compiler ----------------------------------------------------
+
+
+@pytest.mark.parametrize("precompile", [False, True], ids=["torch.compile", "precompile"])
+def test_compile_raising_halfway_leaves_nothing_compiled(
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_engine: FluxEngine,
+    engine: FluxEngine,
+    caplog: pytest.LogCaptureFixture,
+    precompile: bool,
+) -> None:
+    pipe = fresh_engine.pipe
+    eager_decode = pipe.vae.decode
+    wrapped_before_the_failure: list[str] = []
+
+    def fail_after_wrapping(*args, **kwargs) -> None:
+        wrapped_before_the_failure.extend(
+            name for name, m in pipe.transformer.named_modules() if m._compiled_call_impl is not None
+        )
+        raise RuntimeError("compiler failed halfway")
+
+    if precompile:
+        # Wrap the first half of the regions, as a failure in the middle of precompile_modules would leave them.
+        def precompile_half(modules: list[torch.nn.Module], *args, **kwargs) -> None:
+            for module in modules[: len(modules) // 2]:
+                module._compiled_call_impl = lambda *a, **k: pytest.fail("a compiled region ran after the undo")
+            fail_after_wrapping()
+
+        monkeypatch.setattr(compile_module.precompile, "precompile_modules", precompile_half)
+    else:
+        # Every block and vae.decode are wrapped (lazily: nothing compiles) by the time the layout is shared.
+        monkeypatch.setattr(compile_module, "_share_single_block_layout", fail_after_wrapping)
+
+    report = coldstart.prepare(fresh_engine, CompileSettings(precompile=precompile), NoCache(), "k")
+    assert wrapped_before_the_failure, "the fault came after some modules were wrapped"
+    assert "compiler failed halfway" in report.eager_fallback_reason and not report.compiled
+    assert "COMPILE FAILED, serving EAGER" in caplog.text
+    assert [m for m in [*pipe.transformer.modules(), pipe.vae.decoder] if m._compiled_call_impl is not None] == []
+    assert pipe.vae.decode == eager_decode
+    assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
+
+
+class RecordingCache(NoCache):
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.saves = 0
+
+    def save(self) -> CacheResult:
+        self.saves += 1
+        return CacheResult(Outcome.SAVED, "saved")
+
+
+def _compiled_tiny_model(monkeypatch: pytest.MonkeyPatch, cache: RecordingCache) -> Model:
+    """The tiny model with compile on, the compiler faked and a warm-up that compiled something new to save."""
+    fake_compile(monkeypatch, new_graphs=1)
+    monkeypatch.setattr("model.model.choose_backend", lambda *args, **kwargs: cache)
+    for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    return Model(config={"model_metadata": config_metadata()})
+
+
+def _failing_move(when: str) -> Callable[[Path], contextlib.AbstractContextManager[None]]:
+    """A stand-in for redundant_kernels_set_aside whose move `aside` or `back` fails as a full disk would."""
+
+    @contextlib.contextmanager
+    def move(directory: Path) -> Iterator[None]:
+        if when == "aside":
+            raise OSError(28, "No space left on device")
+        yield
+        raise OSError(28, "No space left on device")
+
+    return move
+
+
+@pytest.mark.parametrize("when", ["aside", "back"])
+def test_setting_the_redundant_kernels_aside_failing_still_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    cache = RecordingCache()
+    model = _compiled_tiny_model(monkeypatch, cache)
+    monkeypatch.setattr(coldstart, "redundant_kernels_set_aside", _failing_move(when))
+    with caplog.at_level(logging.WARNING, logger="model.coldstart"):
+        model.load()
+    assert model.predict(REQUEST, NO_BODY).width == 1216
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("No space left on device" in message for message in warnings), warnings
+    if when == "aside":
+        assert cache.saves == 0, "an archive with every kernel twice could pass the backend's size limit"
+        assert model.cold_start.save.outcome is Outcome.ERROR
+    else:
+        assert cache.saves == 1 and model.cold_start.save.outcome is Outcome.SAVED
+
+
+def test_measuring_the_archive_failing_still_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _compiled_tiny_model(monkeypatch, RecordingCache())
+
+    def vanished(directory: Path) -> int:
+        raise FileNotFoundError(2, "No such file or directory", str(directory / "fxgraph" / "entry"))
+
+    monkeypatch.setattr(coldstart, "archived_bytes", vanished)
+    with caplog.at_level(logging.WARNING, logger="model.coldstart"):
+        model.load()
+    assert model.cold_start.cache_bytes == 0 and model.cold_start.save.outcome is Outcome.SAVED
+    assert "could not measure the inductor directory" in caplog.text
+    assert model.predict(REQUEST, NO_BODY).width == 1216
+
+
+def test_a_hanging_nvidia_smi_does_not_stall_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(model_module, "NVIDIA_SMI_TIMEOUT_S", 0.5)
+    model = _tiny_model(monkeypatch)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="model.model"):
+        model.load()
+    assert time.monotonic() - started < 30, "load() waited for the hanging nvidia-smi"
+    assert "nvidia-smi gave no answer" in caplog.text and "timed out after 0.5 seconds" in caplog.text
     assert model.predict(REQUEST, NO_BODY).width == 1216

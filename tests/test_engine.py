@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from model.engine import FluxEngine
-from model.prompts import t5_token_ids
-from model.schema import GenerateRequest
-from tests.conftest import decode_jpeg
+from model.prompts import clip_token_ids, encode_prompts, t5_token_ids
+from model.schema import MAX_PROMPT_CHARS, GenerateRequest
+from tests.conftest import LogRecorder, decode_jpeg
 
 SIZE = {"width": 1216, "height": 832}
 
@@ -74,3 +75,29 @@ def test_words_are_not_the_unit_of_truncation(engine: FluxEngine) -> None:
     ids = t5_token_ids(engine.pipe, word, max_tokens=10, padded_length=256)[0].tolist()
     pad = engine.pipe.tokenizer_2.pad_token_id
     assert sum(token != pad for token in ids) == 10
+
+
+def test_a_long_prompt_never_reaches_the_logs(
+    engine: FluxEngine, all_logs: LogRecorder, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Past CLIP's 77 tokens and the request's 16 T5 tokens: diffusers' own CLIP encoding logs such a tail.
+    tail = ["zebra", "quartz", "umbrella"]
+    prompt = "a lighthouse on a cliff " * 8 + " ".join(tail)
+    engine.generate(GenerateRequest(prompt=prompt, max_sequence_length=16, seed=1, **SIZE))
+    out, err = capfd.readouterr()
+    for text in (all_logs.text(), out, err):
+        assert not [word for word in tail if word in text], text
+    clip_tokens = len(engine.pipe.tokenizer(prompt)["input_ids"])
+    assert f"prompt truncated from {clip_tokens} to 77 CLIP tokens" in all_logs.text()
+    assert "to 16 T5 tokens" in all_logs.text()
+
+
+@pytest.mark.parametrize("prompt", ["a fox", "a lighthouse on a cliff " * 8, "x" * MAX_PROMPT_CHARS])
+def test_clip_encoding_is_the_one_diffusers_computes(engine: FluxEngine, prompt: str) -> None:
+    pipe = engine.pipe
+    assert clip_token_ids(pipe, prompt).shape == (1, pipe.tokenizer_max_length)
+    _, pooled = encode_prompts(pipe, prompt, None, max_tokens=256, padded_length=256)
+    with torch.inference_mode():
+        # The private FluxPipeline method that prompts.py no longer calls, as the reference for identical images.
+        expected = pipe._get_clip_prompt_embeds(prompt=prompt, device=pipe.transformer.device)
+    assert torch.equal(pooled, expected.to(pipe.transformer.dtype))

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import logging
+import base64
+from pathlib import Path
 
 import pytest
+from diffusers import FluxPipeline
 from fastapi import HTTPException
 
 from bench import NO_BODY
 from model.model import Model
+from model.random_flux import build_random_pipeline
 from model.schema import GenerateRequest
 from model.settings import config_metadata
-from tests.conftest import TINY_EAGER
+from tests.conftest import TINY_EAGER, LogRecorder
 
 FAKE_TOKEN = "hf_FAKE_token_that_must_never_be_logged_1234"
 
@@ -40,13 +43,42 @@ def test_missing_token_is_fine_for_a_public_repo(secrets: object) -> None:
     assert _model(secrets)._hf_token is None
 
 
-def test_token_is_read_and_never_logged(tiny_env: None, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.DEBUG):
-        model = _model({"hf_access_token": FAKE_TOKEN})
-        model.load()
-        model.predict(GenerateRequest(prompt="x", seed=1, width=1216, height=832), NO_BODY)
-    assert model._hf_token == FAKE_TOKEN
-    assert FAKE_TOKEN not in caplog.text
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers folder, so that load() takes the from_pretrained branch that real weights take."""
+    path = tmp_path_factory.mktemp("weights") / "flux-tiny"
+    build_random_pipeline("tiny").save_pretrained(path)
+    return path
+
+
+def test_token_reaches_from_pretrained_and_no_log(
+    monkeypatch: pytest.MonkeyPatch,
+    saved_tiny: Path,
+    all_logs: LogRecorder,
+    capfd: pytest.CaptureFixture[str],
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    monkeypatch.setenv("FLUX_MODEL_SOURCE", str(saved_tiny))
+    monkeypatch.setenv("FLUX_COMPILE", "0")
+    real_from_pretrained = FluxPipeline.from_pretrained
+    calls: list[tuple[tuple, dict]] = []
+
+    def spy(*args, **kwargs) -> FluxPipeline:
+        calls.append((args, kwargs))
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", spy)
+    model = _model({"hf_access_token": FAKE_TOKEN})
+    model.load()
+    model.predict(GenerateRequest(prompt="x", seed=1, width=1216, height=832), NO_BODY)
+    assert [(args, kwargs["token"]) for args, kwargs in calls] == [((str(saved_tiny),), FAKE_TOKEN)]
+    out, err = capfd.readouterr()
+    warned = "\n".join(str(warning.message) for warning in recwarn)
+    logged = all_logs.text()
+    assert "loading pipeline from local path" in logged, "the records of load() were captured"
+    for text in (logged, out, err, warned):
+        assert FAKE_TOKEN not in text
+        assert base64.b64encode(FAKE_TOKEN.encode()).decode() not in text
 
 
 def test_unserved_size_is_a_400(tiny_env: None) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from decimal import Decimal
 
 import pytest
 from pydantic import ValidationError
@@ -93,3 +95,19 @@ def test_omitted_seed_is_random_and_reported(engine: FluxEngine) -> None:
     seeds = {engine.job_for(GenerateRequest(prompt="x")).seed for _ in range(8)}
     assert len(seeds) > 1
     assert all(0 <= seed <= MAX_SEED for seed in seeds)
+
+
+@pytest.mark.parametrize("field", ["width", "seed", "num_inference_steps"])
+@pytest.mark.parametrize("value", ["1E+100000000", "-1E+100000000", "1E-100000000", "NaN", "sNaN", "-Infinity", "2.5"])
+def test_msgpack_decimals_are_refused_before_they_are_expanded(field: str, value: str) -> None:
+    # Truss decodes its Decimal extension in msgpack bodies; expanding 1E+100000000 to an int took minutes.
+    started = time.perf_counter()
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"prompt": "x", field: Decimal(value)})
+    assert time.perf_counter() - started < 1
+    assert [error["loc"] for error in info.value.errors()] == [(field,)]
+
+
+@pytest.mark.parametrize(("value", "seed"), [("42", 42), ("42.000", 42), ("0E+100000000", 0), ("4.2E+1", 42)])
+def test_integral_decimals_are_accepted(value: str, seed: int) -> None:
+    assert GenerateRequest.model_validate({"prompt": "x", "seed": Decimal(value)}).seed == seed
