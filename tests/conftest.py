@@ -4,7 +4,10 @@ import base64
 import io
 import logging
 import os
+import shutil
 import subprocess
+import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,3 +127,27 @@ def start_server(
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     yield from start_server(tmp_path_factory.mktemp("server"), {})
+
+
+@pytest.fixture
+def b10fs(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
+    """The real b10-transfer against a fresh directory under /cache/model, as Baseten mounts b10fs there."""
+    if os.geteuid() != 0:
+        pytest.skip("b10-transfer's paths live under /cache/model, which needs root to create")
+    root = Path("/cache/model") / f"test-{uuid.uuid4().hex[:12]}"
+    root.mkdir(parents=True)
+    work = root / "work"  # its archives must be written under /app or /cache
+    work.mkdir()
+    inductor = Path("/tmp") / f"b10-inductor-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
+    monkeypatch.setenv("LOCAL_WORK_DIR", str(work))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
+    # Its default floors ask for ~100 GB free on b10fs and 4 GB locally.
+    monkeypatch.setenv("MIN_B10FS_SPACE_MB", "1")
+    monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
+    monkeypatch.setenv("MIN_LOCAL_SPACE_MB", "1")
+    try:
+        yield types.SimpleNamespace(root=root, inductor=inductor)
+    finally:
+        for path in (root, work, inductor):
+            shutil.rmtree(path, ignore_errors=True)

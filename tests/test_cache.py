@@ -7,7 +7,6 @@ import os
 import sys
 import tarfile
 import types
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -357,31 +356,6 @@ def test_unknown_backend_is_refused(tmp_path: Path) -> None:
 
 
 # --- the real b10-transfer, against a local directory under /cache/model ---------------------------
-
-
-@pytest.fixture
-def b10fs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    if os.geteuid() != 0:
-        pytest.skip("b10-transfer's paths live under /cache/model, which needs root to create")
-    root = Path("/cache/model") / f"test-{uuid.uuid4().hex[:12]}"
-    root.mkdir(parents=True)
-    work = root / "work"  # its archives must be written under /app or /cache
-    work.mkdir()
-    inductor = Path("/tmp") / f"b10-inductor-{uuid.uuid4().hex[:12]}"
-    monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
-    monkeypatch.setenv("LOCAL_WORK_DIR", str(work))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
-    # Its default floors ask for ~100 GB free on b10fs and 4 GB locally.
-    monkeypatch.setenv("MIN_B10FS_SPACE_MB", "1")
-    monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
-    monkeypatch.setenv("MIN_LOCAL_SPACE_MB", "1")
-    try:
-        yield types.SimpleNamespace(root=root, inductor=inductor)
-    finally:
-        import shutil
-
-        for path in (root, work, inductor):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_real_b10_transfer_round_trip(b10fs: types.SimpleNamespace) -> None:

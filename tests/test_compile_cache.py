@@ -1,10 +1,16 @@
-"""The real torch.compile and the local cache, in fresh processes: a miss, then a real hit.
+"""The real torch.compile and the real cache backends, in fresh processes: a miss, then real hits.
 
 Runs the cold-start benchmark's own states, so the test and BENCHMARKS.md measure the same thing.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import types
+import uuid
 from pathlib import Path
 
 import pytest
@@ -71,3 +77,70 @@ def test_no_request_compiles_after_warm_up(miss_then_hit: tuple[dict, dict]) -> 
     for state in miss_then_hit:
         assert set(state["request_s"]) == {"256x256", "512x256"}
         assert state["graphs_compiled_after_warmup"] == 0, state
+
+
+# --- a partial hit through the real b10-transfer ---------------------------------------------------
+
+# One warm-up run and no VAE compile keep each start's compile short on a CPU.
+PARTIAL_ENV = {"FLUX_TEXT_LENGTHS": "256", "FLUX_COMPILE_VAE": "0", "FLUX_WARMUP_RUNS": "1"}
+
+
+def start(resolutions: str, key: str, b10fs_root: str) -> dict:
+    """One cold start in this fresh process: load()'s sequence for `resolutions`, under a fixed cache key.
+
+    The key stays the same while the served set grows, as when an archive lacks a graph its configuration needs.
+    """
+    from model.cache import B10TransferCache
+    from model.coldstart import prepare
+    from model.engine import FluxEngine
+    from model.pipeline import load_pipeline
+    from model.settings import Settings
+
+    settings = Settings.from_sources(
+        environ={"FLUX_MODEL_SOURCE": "tiny", **PARTIAL_ENV, "FLUX_RESOLUTIONS": resolutions}
+    )
+    engine = FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
+    cache = B10TransferCache(key, root=Path(b10fs_root))
+    report = prepare(engine, settings.compile, cache, key)
+    return {
+        "restore": report.restore.outcome.value,
+        "save": report.save.outcome.value if report.save else None,
+        "precompiled": report.warmup.compiled.precompiled,
+        "precompiled_loaded": report.warmup.compiled.precompiled_loaded,
+        "generations": cache.stored_generations(),
+    }
+
+
+def start_in_a_fresh_process(resolutions: str, b10fs: types.SimpleNamespace) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"/tmp/inductor-partial-{uuid.uuid4().hex[:12]}"}
+    code = "import json, sys; from tests.test_compile_cache import start; print(json.dumps(start(*sys.argv[1:])))"
+    output = subprocess.run(
+        [sys.executable, "-c", code, resolutions, "partial", str(b10fs.root)],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return json.loads(output.stdout.splitlines()[-1])
+
+
+def test_a_partial_hit_reaches_the_volume_and_the_next_start_compiles_nothing(
+    b10fs: types.SimpleNamespace,
+) -> None:
+    first = start_in_a_fresh_process("256x256", b10fs)
+    assert (first["restore"], first["save"], first["generations"]) == ("miss", "saved", [0])
+
+    # The archive lacks 512x256: this start restores it, compiles only the missing shape, and saves it.
+    second = start_in_a_fresh_process("256x256,512x256", b10fs)
+    assert second["restore"] == "hit"
+    assert second["precompiled_loaded"] == first["precompiled"] > 0, "256x256 came from the archive"
+    assert second["precompiled"] == first["precompiled"], "only 512x256's regions were compiled"
+    assert second["save"] == "saved", "b10-transfer alone would have answered SKIPPED"
+    assert second["generations"] == [1, 0]
+
+    third = start_in_a_fresh_process("256x256,512x256", b10fs)
+    assert third["restore"] == "hit"
+    assert third["precompiled"] == 0, "every shape came from the newest generation"
+    assert third["precompiled_loaded"] == first["precompiled"] + second["precompiled"]
+    assert third["save"] is None
