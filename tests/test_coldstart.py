@@ -222,11 +222,11 @@ def _compiled_tiny_model(monkeypatch: pytest.MonkeyPatch, cache: RecordingCache)
     return Model(config={"model_metadata": config_metadata()})
 
 
-def _failing_move(when: str) -> Callable[[Path], contextlib.AbstractContextManager[None]]:
-    """A stand-in for redundant_kernels_set_aside whose move `aside` or `back` fails as a full disk would."""
+def _failing_move(when: str) -> Callable[[Path, bool], contextlib.AbstractContextManager[None]]:
+    """A stand-in for set_aside_what_a_hit_never_reads whose move `aside` or `back` fails as a full disk would."""
 
     @contextlib.contextmanager
-    def move(directory: Path) -> Iterator[None]:
+    def move(directory: Path, precompiled: bool) -> Iterator[None]:
         if when == "aside":
             raise OSError(28, "No space left on device")
         yield
@@ -236,12 +236,12 @@ def _failing_move(when: str) -> Callable[[Path], contextlib.AbstractContextManag
 
 
 @pytest.mark.parametrize("when", ["aside", "back"])
-def test_setting_the_redundant_kernels_aside_failing_still_serves(
+def test_setting_aside_what_a_hit_never_reads_failing_still_serves(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, when: str
 ) -> None:
     cache = RecordingCache()
     model = _compiled_tiny_model(monkeypatch, cache)
-    monkeypatch.setattr(coldstart, "redundant_kernels_set_aside", _failing_move(when))
+    monkeypatch.setattr(coldstart, "set_aside_what_a_hit_never_reads", _failing_move(when))
     with caplog.at_level(logging.WARNING, logger="model.coldstart"):
         model.load()
     assert model.predict(REQUEST, NO_BODY).width == 1216
@@ -259,7 +259,7 @@ def test_measuring_the_archive_failing_still_serves(
 ) -> None:
     model = _compiled_tiny_model(monkeypatch, RecordingCache())
 
-    def vanished(directory: Path) -> int:
+    def vanished(directory: Path, precompiled: bool) -> int:
         raise FileNotFoundError(2, "No such file or directory", str(directory / "fxgraph" / "entry"))
 
     monkeypatch.setattr(coldstart, "archived_bytes", vanished)
@@ -286,3 +286,45 @@ def test_a_hanging_nvidia_smi_does_not_stall_load(
     assert time.monotonic() - started < 30, "load() waited for the hanging nvidia-smi"
     assert "nvidia-smi gave no answer" in caplog.text and "timed out after 0.5 seconds" in caplog.text
     assert model.predict(REQUEST, NO_BODY).width == 1216
+
+
+def test_a_restore_raising_on_its_thread_costs_only_a_compile(
+    monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine
+) -> None:
+    class Broken(NoCache):
+        def restore(self) -> CacheResult:
+            raise RuntimeError("backend bug")
+
+    calls = fake_compile(monkeypatch, new_graphs=1)
+    restoring = coldstart.restore_in_background(Broken(), CompileSettings())
+    report = coldstart.prepare(fresh_engine, CompileSettings(), Broken(), "k", restoring)
+    assert report.restore.outcome is Outcome.ERROR and "backend bug" in report.restore.detail
+    assert calls == ["compile", "warm_up"] and report.eager_fallback_reason is None
+
+
+def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    restore_started, weights_loading = threading.Event(), threading.Event()
+
+    class Slow(NoCache):
+        def restore(self) -> CacheResult:
+            restore_started.set()
+            assert weights_loading.wait(timeout=30), "the weights never started while the restore ran"
+            return CacheResult(Outcome.MISS, "nothing stored")
+
+    real_load_pipeline = load_pipeline
+
+    def load_pipeline_seeing_the_restore(*args, **kwargs):
+        assert restore_started.wait(timeout=30), "the restore had not started before the weights"
+        weights_loading.set()
+        return real_load_pipeline(*args, **kwargs)
+
+    fake_compile(monkeypatch, new_graphs=0)
+    monkeypatch.setattr("model.model.choose_backend", lambda *args, **kwargs: Slow())
+    monkeypatch.setattr("model.model.load_pipeline", load_pipeline_seeing_the_restore)
+    for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    model = Model(config={"model_metadata": config_metadata()})
+    model.load()
+    assert model.cold_start.restore.outcome is Outcome.MISS
