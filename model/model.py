@@ -8,12 +8,13 @@ import logging
 import shutil
 import subprocess
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from model.cache import choose_backend, fingerprint
+from model.cache import CacheResult, choose_backend, fingerprint
 from model.coldstart import ColdStartReport, prepare, restore_in_background
 from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
@@ -35,6 +36,7 @@ class Model:
         self._hf_token = _optional_secret(kwargs.get("secrets"), "hf_access_token")
         self._engine: FluxEngine | None = None
         self._health = ReplicaHealth()
+        self._restoring: Future[CacheResult] | None = None
         self.cold_start: ColdStartReport | None = None
 
     def load(self) -> None:
@@ -48,13 +50,15 @@ class Model:
         # variables while it runs, which must not race CUDA's own reads of them).
         key = fingerprint(settings.fingerprint_facts())
         cache = choose_backend(settings.cache.backend, key, settings.cache.local_dir)
-        restoring = restore_in_background(cache, settings.compile)
+        # A retry after the weights failed joins the restore the failed attempt started, rather than racing it.
+        if self._restoring is None:
+            self._restoring = restore_in_background(cache, settings.compile)
         started = time.perf_counter()
         pipe = load_pipeline(settings, hf_token=self._hf_token, on_block=block_hook(settings.optimizations))
         optimize(pipe, settings.optimizations)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started
-        self.cold_start = prepare(engine, settings.compile, cache, key, restoring)
+        self.cold_start = prepare(engine, settings.compile, cache, key, self._restoring)
         self.cold_start.weights_s = weights_s
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)

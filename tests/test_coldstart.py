@@ -328,3 +328,31 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
     model = Model(config={"model_metadata": config_metadata()})
     model.load()
     assert model.cold_start.restore.outcome is Outcome.MISS
+
+
+def test_a_retried_load_joins_the_restore_the_failed_attempt_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    class CountingCache(RecordingCache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.restores = 0
+
+        def restore(self) -> CacheResult:
+            self.restores += 1
+            return CacheResult(Outcome.HIT, "restored")
+
+    cache = CountingCache()
+    model = _compiled_tiny_model(monkeypatch, cache)
+    real_load_pipeline, attempts = load_pipeline, []
+
+    def flaky(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("weights volume not mounted yet")
+        return real_load_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr("model.model.load_pipeline", flaky)
+    with pytest.raises(OSError):
+        model.load()
+    model.load()
+    assert cache.restores == 1, "two restores into one inductor directory would race"
+    assert model.cold_start.restore.outcome is Outcome.HIT
