@@ -1,4 +1,4 @@
-"""Compile-cache backends behind one small interface: b10-transfer, legacy b10-tcache, a local directory, none.
+"""Compile-cache backends behind one small interface: b10-transfer, a local directory, none.
 
 Every backend archives TorchInductor's cache directory, which holds the compiled graphs and their
 kernels: restoring it lets Inductor skip code generation and the C++/Triton compiles. Measured on
@@ -353,31 +353,7 @@ def _warn_near_b10_transfer_cap(archive_bytes: int) -> None:
         )
 
 
-class LegacyTcacheCache:
-    """b10-tcache, b10-transfer's predecessor, where the calls return a bool."""
-
-    name = "b10-tcache"
-
-    def _call(self, function_name: str, success: Outcome, failure: Outcome) -> CacheResult:
-        started = time.perf_counter()
-        try:
-            ok = getattr(importlib.import_module("b10_tcache"), function_name)()
-        except Exception as exc:
-            return CacheResult(Outcome.ERROR, f"b10-tcache {function_name} raised {exc!r}")
-        if type(ok) is not bool:
-            return CacheResult(Outcome.ERROR, f"b10-tcache {function_name} returned {ok!r}, not a bool")
-        return CacheResult(
-            success if ok else failure, f"b10-tcache {function_name} returned {ok}", time.perf_counter() - started
-        )
-
-    def restore(self) -> CacheResult:
-        return self._call("load_compile_cache", Outcome.HIT, Outcome.MISS)
-
-    def save(self) -> CacheResult:
-        return self._call("save_compile_cache", Outcome.SAVED, Outcome.ERROR)
-
-
-BACKENDS = ("auto", "b10-transfer", "b10-tcache", "local", "none")
+BACKENDS = ("auto", "b10-transfer", "local", "none")
 
 
 @dataclass(frozen=True)
@@ -422,8 +398,6 @@ def choose_backend(name: str, key: str, local_root: Path) -> CompileCache:
         log.info("compile cache backend: %s (cache_backend setting)", name)
     if name == "b10-transfer":
         return B10TransferCache(key)
-    if name == "b10-tcache":
-        return LegacyTcacheCache()
     if name == "local":
         return LocalDirectoryCache(local_root, key)
     if name == "none":

@@ -15,7 +15,6 @@ from b10_transfer import OperationStatus
 
 from model.cache import (
     B10TransferCache,
-    LegacyTcacheCache,
     LocalDirectoryCache,
     NoCache,
     Outcome,
@@ -261,19 +260,6 @@ def test_b10_transfer_raising_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert cache.save().outcome is Outcome.ERROR
 
 
-@pytest.mark.parametrize(
-    ("value", "restore", "save"), [(True, Outcome.HIT, Outcome.SAVED), (False, Outcome.MISS, Outcome.ERROR)]
-)
-def test_legacy_tcache_bools(monkeypatch: pytest.MonkeyPatch, value: bool, restore: Outcome, save: Outcome) -> None:
-    fake_module(monkeypatch, "b10_tcache", load=value, save=value)
-    assert LegacyTcacheCache().restore().outcome is restore
-    assert LegacyTcacheCache().save().outcome is save
-
-
-def test_legacy_tcache_missing_is_an_error() -> None:
-    assert LegacyTcacheCache().restore().outcome is Outcome.ERROR
-
-
 # --- choosing a backend ---------------------------------------------------------------------------
 
 
@@ -341,7 +327,6 @@ def test_auto_without_b10_transfer_installed_warns(
     ("name", "kind"),
     [
         ("b10-transfer", B10TransferCache),
-        ("b10-tcache", LegacyTcacheCache),
         ("local", LocalDirectoryCache),
         ("none", NoCache),
     ],
