@@ -79,6 +79,7 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int, profile_k
     import torch
 
     from bench import NO_BODY
+    from bench.phases import timed_phases
     from model.model import Model
     from model.resolutions import Resolution
     from model.schema import GenerateRequest
@@ -107,12 +108,9 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int, profile_k
             t = time.perf_counter()
             model.predict(request, NO_BODY)  # returns after the JPEG is encoded: the GPU work is done
             times.append(time.perf_counter() - t)
-        engine.sync = True
-        phases = []
-        for _ in range(3):
-            model.predict(request, NO_BODY)
-            phases.append(vars(engine.last_times).copy())
-        engine.sync = False
+        with timed_phases(engine) as phases:
+            for _ in range(3):
+                model.predict(request, NO_BODY)
         per_resolution[text] = {
             "p50_s": round(statistics.median(times), 4),
             "p90_s": round(_percentile(times, 0.9), 4),

@@ -29,6 +29,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Protocol
 
+from model.compat import b10fs_enabled_by_b10_transfer, inductor_cache_dir, triton_kernels_bundled
+
 log = logging.getLogger(__name__)
 
 B10FS_ROOT = Path("/cache/model")  # Baseten's shared cache volume; b10-transfer requires its paths under it
@@ -63,13 +65,6 @@ class CompileCache(Protocol):
     def save(self) -> CacheResult: ...
 
 
-def inductor_cache_dir() -> Path:
-    """Where TorchInductor reads and writes its cache (TORCHINDUCTOR_CACHE_DIR, else its default)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir())
-
-
 def directory_size(path: Path) -> int:
     if not path.is_dir():
         return 0
@@ -85,9 +80,7 @@ def unread_on_a_hit(inductor_dir: Path, precompiled: bool) -> list[Path]:
       function (model.precompile), which carries its own compiled code, and never looks these entries up. On an
       H200 they were 92 of the 204 MB archived (BENCHMARKS.md).
     """
-    from torch._inductor.triton_bundler import TritonBundler
-
-    names = (["triton"] if TritonBundler.is_enabled() else []) + (["aotautograd", "fxgraph"] if precompiled else [])
+    names = (["triton"] if triton_kernels_bundled() else []) + (["aotautograd", "fxgraph"] if precompiled else [])
     return [inductor_dir / name for name in names if (inductor_dir / name).is_dir()]
 
 
@@ -373,11 +366,9 @@ def b10fs_enabled() -> B10fsCheck:
     """
     value = os.environ.get("BASETEN_FS_ENABLED")
     try:
-        from b10_transfer.utils import _is_b10fs_enabled  # private, but the only exact definition
+        enabled = b10fs_enabled_by_b10_transfer()
     except ImportError:
         return B10fsCheck(False, f"b10-transfer is not installed (BASETEN_FS_ENABLED={value!r})", refused=bool(value))
-    try:
-        enabled = _is_b10fs_enabled()
     except Exception as exc:  # b10-transfer raises on a value it does not recognise
         return B10fsCheck(False, f"b10-transfer refuses BASETEN_FS_ENABLED={value!r}: {exc}", refused=True)
     return B10fsCheck(enabled, f"b10-transfer reads BASETEN_FS_ENABLED={value!r} as {'on' if enabled else 'off'}")

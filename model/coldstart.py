@@ -19,9 +19,9 @@ from model.cache import (
     CompileCache,
     Outcome,
     archived_bytes,
-    inductor_cache_dir,
     set_aside_what_a_hit_never_reads,
 )
+from model.compat import inductor_cache_dir
 from model.compile import CompileSettings, WarmupReport, compile_pipeline, warm_up
 from model.engine import FluxEngine
 

@@ -13,7 +13,14 @@ import torch
 from diffusers import FluxPipeline
 
 from model import precompile
-from model.cache import inductor_cache_dir
+from model.compat import (
+    allow_recompiles,
+    compile_counts,
+    compiled_call,
+    inductor_cache_dir,
+    repeated_block_names,
+    set_compiled_call,
+)
 from model.engine import FluxEngine, Job
 from model.resolutions import Resolution
 
@@ -68,12 +75,8 @@ class CompileCounters:
 
     @classmethod
     def now(cls) -> CompileCounters:
-        from torch._dynamo.utils import counters
-
         return cls(
-            graphs=int(counters["stats"]["unique_graphs"]),
-            fxgraph_misses=int(counters["inductor"]["fxgraph_cache_miss"]),
-            fxgraph_hits=int(counters["inductor"]["fxgraph_cache_hit"]),
+            **compile_counts(),
             precompiled=precompile.COUNTERS["compiled"],
             precompiled_loaded=precompile.COUNTERS["loaded"],
         )
@@ -105,18 +108,14 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int,
     `shapes` is the number of served (resolution, text length) pairs: each is its own static graph. `key` is the
     cache fingerprint: precompiled functions are kept per fingerprint, as the archives are.
     """
-    # Past Dynamo's recompile limit (8 per code object) a block would silently run eager.
-    limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
-    torch._dynamo.config.recompile_limit = limit
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4 * limit)
+    allow_recompiles(2 * shapes)
     eager_decode = pipe.vae.decode
 
     def undo() -> None:
-        # nn.Module.compile stores the compiled forward in _compiled_call_impl; clearing it restores eager.
         for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
-            module._compiled_call_impl = None
+            set_compiled_call(module, None)
         pipe.vae.decode = eager_decode
-        torch._dynamo.reset()
+        torch.compiler.reset()
 
     try:
         _wrap(pipe, settings, eager_decode, key)
@@ -148,7 +147,7 @@ def _wrap(pipe: FluxPipeline, settings: CompileSettings, eager_decode: Callable[
             pipe.transformer.compile(**options)
         if settings.compile_vae:
             pipe.vae.decode = torch.compile(eager_decode, **options)
-    # Both paths fill the blocks' _compiled_call_impl; precompile is always regional (CompileSettings checks).
+    # Both paths fill the blocks' compiled-call slot; precompile is always regional (CompileSettings checks).
     if settings.regional and settings.shared_block_layout:
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
 
@@ -161,7 +160,7 @@ def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) 
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
     transformer.requires_grad_(False)
     pipe.vae.requires_grad_(False)
-    repeated = set(transformer._repeated_blocks)
+    repeated = repeated_block_names(transformer)
     modules = [m for m in transformer.modules() if type(m).__name__ in repeated]
     if settings.compile_vae:
         # vae.decode itself is wrapped by a diffusers decorator, which cannot be saved; its decoder module can.
@@ -176,17 +175,17 @@ def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:
     two separate tensors from the last double block. Dynamo guards on strides, so each served shape would compile
     the single block twice; one extra concatenation per step before the compiled call saves that graph.
     """
-    compiled_call = first_single_block._compiled_call_impl
+    compiled = compiled_call(first_single_block)
 
     def call_with_shared_layout(*args: Any, **kwargs: Any) -> Any:
         text, image = kwargs.get("encoder_hidden_states"), kwargs.get("hidden_states")
         if isinstance(text, torch.Tensor) and isinstance(image, torch.Tensor):
             joined = torch.cat([text, image], dim=1)
             kwargs["encoder_hidden_states"], kwargs["hidden_states"] = joined.split([text.shape[1], image.shape[1]], 1)
-        return compiled_call(*args, **kwargs)
+        return compiled(*args, **kwargs)
 
     # The same slot nn.Module.compile fills; undo() clears it on every module.
-    first_single_block._compiled_call_impl = call_with_shared_layout
+    set_compiled_call(first_single_block, call_with_shared_layout)
 
 
 def warm_up(engine: FluxEngine, runs_per_shape: int) -> WarmupReport:

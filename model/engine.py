@@ -1,19 +1,24 @@
-"""The inference engine: validated request in, base64 JPEG out. It knows nothing about HTTP."""
+"""The inference engine: validated request in, base64 JPEG out. It knows nothing about HTTP.
+
+A request runs in four named phases (`encode_text`, `denoise`, `decode`, `respond`), each a method, so that a
+benchmark can time them from outside by wrapping the methods of its own engine; the engine itself keeps no
+timing and no per-request state.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from model.encode import to_base64_jpeg
+from model.compat import unpack_latents
+from model.images import to_base64_jpeg
 from model.prompts import encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
 from model.schema import MAX_SEED, SCHNELL_GUIDANCE, GenerateRequest, GenerateResponse
@@ -27,16 +32,6 @@ class InvalidRequest(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field_name = field_name
-
-
-@dataclass
-class PhaseTimes:
-    """Seconds per phase of the last generation (GPU work is synchronized only when `sync` is on)."""
-
-    text_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    encode_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +52,6 @@ class FluxEngine:
         self.pipe = pipe
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
-        self.sync = False  # benchmarks set it to time GPU phases
-        self.last_times = PhaseTimes()
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
@@ -99,56 +92,41 @@ class FluxEngine:
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         job = self.job_for(request)
-        image = self.run(job)
-        started = time.perf_counter()
-        data = to_base64_jpeg(image)
-        self.last_times.encode_s = time.perf_counter() - started
-        return GenerateResponse(data=data, seed=job.seed, width=job.resolution.width, height=job.resolution.height)
+        return self.respond(job, self.run(job))
 
     @torch.inference_mode()
     def run(self, job: Job) -> Image.Image:
-        times = PhaseTimes()
-        pipe = self.pipe
         with self._lock:
-            clock = self._clock()
-            embeds, pooled = encode_prompts(pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
-            times.text_s = clock()
-            # A CPU generator gives the same noise for a seed on every device.
-            generator = torch.Generator("cpu").manual_seed(job.seed)
-            latents = pipe(
-                prompt_embeds=embeds,
-                pooled_prompt_embeds=pooled,
-                width=job.resolution.width,
-                height=job.resolution.height,
-                num_inference_steps=job.steps,
-                guidance_scale=SCHNELL_GUIDANCE,
-                generator=generator,
-                output_type="latent",
-                return_dict=False,
-            )[0]
-            times.denoise_s = clock()
-            image = self.decode(latents, job.resolution)
-            times.decode_s = clock()
-        self.last_times = times
-        return image
+            embeds, pooled = self.encode_text(job)
+            latents = self.denoise(job, embeds, pooled)
+            return self.decode(latents, job.resolution)
+
+    def encode_text(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
+
+    def denoise(self, job: Job, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        # A CPU generator gives the same noise for a seed on every device.
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        return self.pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            width=job.resolution.width,
+            height=job.resolution.height,
+            num_inference_steps=job.steps,
+            guidance_scale=SCHNELL_GUIDANCE,
+            generator=generator,
+            output_type="latent",
+            return_dict=False,
+        )[0]
 
     def decode(self, packed_latents: torch.Tensor, resolution: Resolution) -> Image.Image:
         pipe = self.pipe
-        latents = pipe._unpack_latents(packed_latents, resolution.height, resolution.width, pipe.vae_scale_factor)
+        latents = unpack_latents(pipe, packed_latents, resolution.height, resolution.width)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
-    def _clock(self) -> Callable[[], float]:
-        """A lap timer: each call returns the seconds since the previous one."""
-        last = time.perf_counter()
-
-        def lap() -> float:
-            nonlocal last
-            if self.sync and torch.cuda.is_available():
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            elapsed, last = now - last, now
-            return elapsed
-
-        return lap
+    def respond(self, job: Job, image: Image.Image) -> GenerateResponse:
+        return GenerateResponse(
+            data=to_base64_jpeg(image), seed=job.seed, width=job.resolution.width, height=job.resolution.height
+        )

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from model.compat import aot_compile_enabled, inductor_mode_options, set_compiled_call
+
 log = logging.getLogger(__name__)
 
 SUBDIRECTORY = "precompiled"
@@ -48,13 +50,12 @@ class PrecompiledRegion:
         self.name = name
         self.directory = directory
         inductor_options = {
-            **torch._inductor.list_mode_options(mode),
+            **inductor_mode_options(mode),
             # Parameters are inputs, not constants, so one function serves every block of a kind. The signature
             # checked in __call__ covers the tensor guards; the others (module identity) cannot be saved.
             "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe,
         }
-        # Older torch releases (2.11 among them) attach .aot_compile only while this flag is on.
-        with torch._dynamo.config.patch(enable_aot_compile=True):
+        with aot_compile_enabled():
             self._compile = torch.compile(function, fullgraph=True, dynamic=dynamic, options=inductor_options)
         self._functions: dict[Hashable, Callable[..., Any]] = {}
 
@@ -97,7 +98,7 @@ def precompile_modules(modules: list[torch.nn.Module], directory: Path, mode: st
         kind = type(module)
         if kind not in regions:
             regions[kind] = PrecompiledRegion(f"{kind.__name__}.forward", kind.forward, directory, mode, dynamic)
-        module._compiled_call_impl = _bound(regions[kind], module)
+        set_compiled_call(module, _bound(regions[kind], module))
 
 
 def _bound(region: PrecompiledRegion, owner: torch.nn.Module) -> Callable[..., Any]:

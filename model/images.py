@@ -1,4 +1,4 @@
-"""Image to base64 JPEG."""
+"""Images to the bytes a response carries: base64 JPEG."""
 
 from __future__ import annotations
 

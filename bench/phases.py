@@ -1,0 +1,56 @@
+"""Phase timing attached to an engine from outside, as flux-fast's `annotate` attaches profiling.
+
+The engine runs a request in named phases (FluxEngine.encode_text, denoise, decode, respond). `timed_phases`
+wraps those methods on one engine instance for the duration of a `with` block, synchronizing the GPU at each
+phase's end so the seconds are the GPU's too, and records one dict per request. Nothing in the engine knows:
+a benchmark times its own engine, one request at a time, so no request can write another's figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from model.engine import FluxEngine
+
+# Engine method -> the phase name it reports under.
+PHASES = {"encode_text": "text_s", "denoise": "denoise_s", "decode": "decode_s", "respond": "jpeg_s"}
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def timed_phases(engine: FluxEngine) -> Iterator[list[dict[str, float]]]:
+    """Yield a list that gains one {phase: seconds} dict per request the engine completes inside the block."""
+    requests: list[dict[str, float]] = []
+    current: dict[str, float] = {}
+
+    def timed(method_name: str, phase: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _synchronize()
+            started = time.perf_counter()
+            result = method(*args, **kwargs)
+            _synchronize()
+            current[phase] = time.perf_counter() - started
+            if method_name == "respond":  # the last phase of a request
+                requests.append(dict(current))
+                current.clear()
+            return result
+
+        return wrapper
+
+    originals = {name: getattr(engine, name) for name in PHASES}
+    for name, phase in PHASES.items():
+        setattr(engine, name, timed(name, phase, originals[name]))
+    try:
+        yield requests
+    finally:
+        for name in PHASES:
+            delattr(engine, name)  # the instance attributes go; the class's methods show through again

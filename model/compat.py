@@ -1,0 +1,106 @@
+"""Every private internal of torch, diffusers and b10-transfer that this package reaches, in one place.
+
+Each function names one internal and says why the package needs it. tests/test_compat.py exercises all of
+them against the pinned versions, so an upgrade that moves one fails there, by name, and nowhere else.
+Imports are lazy: importing this module costs nothing until a function is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import FluxPipeline
+
+
+def inductor_cache_dir() -> Path:
+    """Inductor's cache directory (TORCHINDUCTOR_CACHE_DIR, else its per-user default): what the cache archives.
+
+    torch has no public getter, and the default depends on the user name.
+    """
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
+
+
+def triton_kernels_bundled() -> bool:
+    """Whether Inductor's compiled entries carry their own Triton kernels, which makes its kernel directory a copy."""
+    from torch._inductor.triton_bundler import TritonBundler
+
+    return TritonBundler.is_enabled()
+
+
+def compile_counts() -> dict[str, int]:
+    """Dynamo's unique graphs and Inductor's FX-graph cache misses and hits so far in this process.
+
+    Differences between two readings say what a phase compiled; torch exposes these counters nowhere else.
+    """
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "fxgraph_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
+        "fxgraph_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+    }
+
+
+def allow_recompiles(per_code_object: int) -> None:
+    """Raise Dynamo's recompile limits to at least `per_code_object` (four times that overall).
+
+    Past the limit (8 per code object by default) a compiled block silently falls back to eager.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, per_code_object)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * config.recompile_limit)
+
+
+def compiled_call(module: torch.nn.Module) -> Callable[..., Any] | None:
+    """The compiled forward that nn.Module.compile() stores on a module, if any."""
+    return module._compiled_call_impl
+
+
+def set_compiled_call(module: torch.nn.Module, call: Callable[..., Any] | None) -> None:
+    """Route a module's calls through `call`, in the slot nn.Module.compile() uses; None restores eager."""
+    module._compiled_call_impl = call
+
+
+def repeated_block_names(transformer: torch.nn.Module) -> set[str]:
+    """The class names of a diffusers model's repeated blocks: what compile_repeated_blocks() compiles."""
+    return set(transformer._repeated_blocks)
+
+
+def unpack_latents(pipe: FluxPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """FluxPipeline's packed 2x2 latent patches back to the VAE's layout; the pipeline only does it inside __call__."""
+    return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+def inductor_mode_options(mode: str) -> dict[str, Any]:
+    """The Inductor options a torch.compile mode stands for, to pass with others where a mode cannot be."""
+    import torch._inductor
+
+    return torch._inductor.list_mode_options(mode)
+
+
+@contextmanager
+def aot_compile_enabled() -> Iterator[None]:
+    """Let torch.compile attach .aot_compile: torch 2.11 only does so while this Dynamo flag is on."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(enable_aot_compile=True):
+        yield
+
+
+def b10fs_enabled_by_b10_transfer() -> bool:
+    """b10-transfer's own reading of BASETEN_FS_ENABLED: True, False, or an exception for a value it refuses.
+
+    Its only exact definition; raises ImportError when b10-transfer is not installed.
+    """
+    from b10_transfer.utils import _is_b10fs_enabled
+
+    return _is_b10fs_enabled()
