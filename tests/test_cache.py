@@ -302,15 +302,17 @@ def test_auto_reads_baseten_fs_enabled_as_b10_transfer_does(
 
 
 def test_the_spelling_table_is_b10_transfers_own(monkeypatch: pytest.MonkeyPatch) -> None:
-    from b10_transfer.utils import CacheValidationError, _is_b10fs_enabled
+    from b10_transfer.utils import CacheValidationError
+
+    from model.compat import b10fs_enabled_by_b10_transfer
 
     for value, reading in B10FS_SPELLINGS.items():
         set_b10fs_enabled(monkeypatch, value)
         if reading == "refused":
             with pytest.raises(CacheValidationError):
-                _is_b10fs_enabled()
+                b10fs_enabled_by_b10_transfer()
         else:
-            assert _is_b10fs_enabled() is (reading == "on"), value
+            assert b10fs_enabled_by_b10_transfer() is (reading == "on"), value
 
 
 def test_auto_without_b10_transfer_installed_warns(

@@ -18,6 +18,7 @@ from model import coldstart
 from model import compile as compile_module
 from model import model as model_module
 from model.cache import B10TransferCache, CacheResult, NoCache, Outcome
+from model.compat import compiled_call, set_compiled_call
 from model.compile import CompileCounters, CompileSettings, WarmupReport, compile_pipeline
 from model.engine import FluxEngine
 from model.model import Model
@@ -110,20 +111,20 @@ def test_warm_up_raising_undoes_the_compile(
     report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), "k")
     assert "warm-up failed" in report.eager_fallback_reason
     assert fresh_engine.pipe.vae.decode == eager_decode
-    assert all(m._compiled_call_impl is None for m in fresh_engine.pipe.transformer.modules())
+    assert all(compiled_call(m) is None for m in fresh_engine.pipe.transformer.modules())
     assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
 
 
 def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
     pipe = fresh_engine.pipe
     undo = compile_pipeline(pipe, CompileSettings(), shapes=6, key="k")
-    compiled = [m for m in pipe.transformer.modules() if m._compiled_call_impl is not None]
+    compiled = [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
     assert compiled and all(type(m).__name__.endswith("Block") for m in compiled)
     import torch
 
     assert torch._dynamo.config.recompile_limit >= 12, "every served shape fits under the recompile limit"
     undo()
-    assert not [m for m in pipe.transformer.modules() if m._compiled_call_impl is not None]
+    assert not [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
 
 
 def _tiny_model(monkeypatch: pytest.MonkeyPatch) -> Model:
@@ -177,7 +178,7 @@ def test_compile_raising_halfway_leaves_nothing_compiled(
 
     def fail_after_wrapping(*args, **kwargs) -> None:
         wrapped_before_the_failure.extend(
-            name for name, m in pipe.transformer.named_modules() if m._compiled_call_impl is not None
+            name for name, m in pipe.transformer.named_modules() if compiled_call(m) is not None
         )
         raise RuntimeError("compiler failed halfway")
 
@@ -185,7 +186,7 @@ def test_compile_raising_halfway_leaves_nothing_compiled(
         # Wrap the first half of the regions, as a failure in the middle of precompile_modules would leave them.
         def precompile_half(modules: list[torch.nn.Module], *args, **kwargs) -> None:
             for module in modules[: len(modules) // 2]:
-                module._compiled_call_impl = lambda *a, **k: pytest.fail("a compiled region ran after the undo")
+                set_compiled_call(module, lambda *a, **k: pytest.fail("a compiled region ran after the undo"))
             fail_after_wrapping()
 
         monkeypatch.setattr(compile_module.precompile, "precompile_modules", precompile_half)
@@ -197,7 +198,7 @@ def test_compile_raising_halfway_leaves_nothing_compiled(
     assert wrapped_before_the_failure, "the fault came after some modules were wrapped"
     assert "compiler failed halfway" in report.eager_fallback_reason and not report.compiled
     assert "COMPILE FAILED, serving EAGER" in caplog.text
-    assert [m for m in [*pipe.transformer.modules(), pipe.vae.decoder] if m._compiled_call_impl is not None] == []
+    assert [m for m in [*pipe.transformer.modules(), pipe.vae.decoder] if compiled_call(m) is not None] == []
     assert pipe.vae.decode == eager_decode
     assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
 

@@ -1,0 +1,85 @@
+"""Every private internal the package reaches (model/compat.py), against the pinned versions.
+
+An upgrade of torch, diffusers or b10-transfer that moves one of them fails here, by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import compat
+from model.engine import FluxEngine
+
+
+def test_inductor_cache_dir_follows_its_environment_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert compat.inductor_cache_dir() == tmp_path / "inductor"
+
+
+def test_triton_kernel_bundling_reads_inductors_switch() -> None:
+    from torch._inductor import config
+
+    for bundled in (True, False):
+        with config.patch(bundle_triton_into_fx_graph_cache=bundled):
+            assert compat.triton_kernels_bundled() is bundled
+
+
+def test_compile_counts_see_a_compile() -> None:
+    before = compat.compile_counts()
+    assert set(before) == {"graphs", "fxgraph_misses", "fxgraph_hits"}
+    torch.compile(lambda x: x * 2 + 1, backend="eager")(torch.ones(3))
+    assert compat.compile_counts()["graphs"] == before["graphs"] + 1
+
+
+def test_recompile_limits_only_rise() -> None:
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        compat.allow_recompiles(12)
+        assert (config.recompile_limit, config.accumulated_recompile_limit) == (12, 256)
+        compat.allow_recompiles(4)
+        assert config.recompile_limit == 12, "a smaller request never lowers the limit"
+        compat.allow_recompiles(100)
+        assert (config.recompile_limit, config.accumulated_recompile_limit) == (100, 400)
+
+
+def test_the_compiled_call_slot_is_the_one_nn_module_compile_fills() -> None:
+    layer = torch.nn.Linear(2, 2)
+    assert compat.compiled_call(layer) is None
+    layer.compile(backend="eager")
+    assert compat.compiled_call(layer) is not None
+    compat.set_compiled_call(layer, lambda *args, **kwargs: "routed")
+    assert layer(torch.ones(2)) == "routed"
+    compat.set_compiled_call(layer, None)
+    assert isinstance(layer(torch.ones(2)), torch.Tensor), "None restores eager"
+
+
+def test_repeated_blocks_and_latent_unpacking_of_the_pipeline(engine: FluxEngine) -> None:
+    pipe = engine.pipe
+    assert compat.repeated_block_names(pipe.transformer) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
+    height, width = 256, 512
+    channels = pipe.transformer.config.in_channels  # packed: 4x the VAE's latent channels
+    patches = (height // pipe.vae_scale_factor // 2) * (width // pipe.vae_scale_factor // 2)
+    unpacked = compat.unpack_latents(pipe, torch.zeros(1, patches, channels), height, width)
+    assert unpacked.shape == (1, channels // 4, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+
+
+def test_mode_options_and_aot_compile() -> None:
+    assert compat.inductor_mode_options("default") == {}
+    assert compat.inductor_mode_options("max-autotune")["max_autotune"] is True
+    with compat.aot_compile_enabled():
+        assert hasattr(torch.compile(lambda x: x + 1), "aot_compile")
+
+
+def test_b10_transfers_own_reading_of_baseten_fs_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from b10_transfer.utils import CacheValidationError
+
+    monkeypatch.setenv("BASETEN_FS_ENABLED", "True")
+    assert compat.b10fs_enabled_by_b10_transfer() is True
+    monkeypatch.setenv("BASETEN_FS_ENABLED", "0")
+    assert compat.b10fs_enabled_by_b10_transfer() is False
+    monkeypatch.setenv("BASETEN_FS_ENABLED", "yes")
+    with pytest.raises(CacheValidationError):
+        compat.b10fs_enabled_by_b10_transfer()
