@@ -46,7 +46,7 @@ def child(state: str, workdir: Path) -> dict:
     import torch
     from PIL import Image
 
-    from model.compile import CompileCounters, warm_up
+    from model.coldstart import CompileCounters, warm_up
     from model.model import Model
     from model.schema import GenerateRequest
     from model.settings import Settings, config_metadata

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
+from model import precompile
 from model.cache import (
     CacheResult,
     CompileCache,
@@ -21,11 +22,57 @@ from model.cache import (
     archived_bytes,
     set_aside_what_a_hit_never_reads,
 )
-from model.compat import inductor_cache_dir
-from model.compile import CompileSettings, WarmupReport, compile_pipeline, warm_up
-from model.engine import FluxEngine
+from model.compat import compile_counts, inductor_cache_dir
+from model.compile import CompileSettings, compile_pipeline
+from model.engine import FluxEngine, Job
+from model.resolutions import Resolution
 
 log = logging.getLogger(__name__)
+
+
+WARMUP_PROMPT = "a warm-up prompt that exercises the text encoders"
+# Every denoising step calls the transformer with the same shapes, so one step compiles and checks the same
+# graphs as four; the 57 block calls inside it already reuse each block graph. Fewer steps, shorter load().
+WARMUP_STEPS = 1
+
+
+@dataclass
+class CompileCounters:
+    """Dynamo and Inductor counters; differences between two snapshots tell what a phase compiled."""
+
+    graphs: int
+    fxgraph_misses: int
+    fxgraph_hits: int
+    precompiled: int = 0  # functions compiled ahead of time and saved (model.precompile)
+    precompiled_loaded: int = 0
+
+    @classmethod
+    def now(cls) -> CompileCounters:
+        return cls(
+            **compile_counts(),
+            precompiled=precompile.COUNTERS["compiled"],
+            precompiled_loaded=precompile.COUNTERS["loaded"],
+        )
+
+    def __sub__(self, other: CompileCounters) -> CompileCounters:
+        return CompileCounters(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    @property
+    def compiled_new(self) -> bool:
+        """Of a difference: Inductor produced a graph it did not find in its cache, or a region was precompiled."""
+        return self.fxgraph_misses > 0 or self.precompiled > 0
+
+
+@dataclass
+class WarmupReport:
+    seconds_per_shape: dict[str, float] = field(default_factory=dict)
+    compiled: CompileCounters = field(default_factory=lambda: CompileCounters(0, 0, 0))
+    runs_per_shape: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def compiled_new(self) -> bool:
+        """True when the warm-up compiled something the cache did not have: the cache is worth saving."""
+        return self.compiled.compiled_new
 
 
 @dataclass
@@ -142,3 +189,48 @@ def _archived_bytes(precompiled: bool) -> int:
     except Exception as exc:  # e.g. files vanishing during the walk: only a figure in the report is lost
         log.warning("compile cache: could not measure the inductor directory: %r", exc)
         return 0
+
+
+def warm_up(engine: FluxEngine, runs_per_shape: int) -> WarmupReport:
+    """Run every served resolution at every compiled text length, logging progress and seconds.
+
+    A shape runs `runs_per_shape` times when its first run compiled something new, and once otherwise.
+    """
+    shapes = engine.shapes()
+    report = WarmupReport()
+    before = CompileCounters.now()
+    for index, (resolution, text_length) in enumerate(shapes, start=1):
+        started = time.perf_counter()
+        before_shape = CompileCounters.now()
+        engine.run(_warmup_job(resolution, text_length))
+        runs = runs_per_shape if (CompileCounters.now() - before_shape).compiled_new else 1
+        for _ in range(runs - 1):
+            engine.run(_warmup_job(resolution, text_length))
+        seconds = time.perf_counter() - started
+        shape = f"{resolution}@{text_length}"
+        report.seconds_per_shape[shape] = round(seconds, 3)
+        report.runs_per_shape[shape] = runs
+        log.info(
+            "warm-up %s, text %d: %d of %d in %.1f s (%d run%s)",
+            resolution,
+            text_length,
+            index,
+            len(shapes),
+            seconds,
+            runs,
+            "" if runs == 1 else "s",
+        )
+    report.compiled = CompileCounters.now() - before
+    return report
+
+
+def _warmup_job(resolution: Resolution, text_length: int) -> Job:
+    return Job(
+        prompt=WARMUP_PROMPT,
+        prompt2=None,
+        resolution=resolution,
+        seed=0,
+        steps=WARMUP_STEPS,
+        max_tokens=text_length,
+        text_length=text_length,
+    )

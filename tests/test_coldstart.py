@@ -18,8 +18,9 @@ from model import coldstart
 from model import compile as compile_module
 from model import model as model_module
 from model.cache import B10TransferCache, CacheResult, NoCache, Outcome
+from model.coldstart import CompileCounters, WarmupReport
 from model.compat import compiled_call, set_compiled_call
-from model.compile import CompileCounters, CompileSettings, WarmupReport, compile_pipeline
+from model.compile import CompileSettings, compile_pipeline
 from model.engine import FluxEngine
 from model.model import Model
 from model.pipeline import load_pipeline
