@@ -135,9 +135,10 @@ def _forget_b10_archives(settings) -> None:
     """A miss must find nothing: remove what an earlier run stored for this fingerprint."""
     import shutil
 
-    from model.cache import B10TransferCache, fingerprint
+    from model.artifacts import CompileArtifacts
+    from model.cache import B10TransferCache
 
-    shutil.rmtree(B10TransferCache(fingerprint(settings.fingerprint_facts())).directory, ignore_errors=True)
+    shutil.rmtree(B10TransferCache(CompileArtifacts.here(settings.fingerprint_facts())).directory, ignore_errors=True)
 
 
 def b10_transfer_env(workdir: Path) -> dict[str, str]:

@@ -11,13 +11,10 @@ from scratch and serves.
 from __future__ import annotations
 
 import enum
-import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
-import platform
 import shutil
 import tarfile
 import tempfile
@@ -25,11 +22,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from model.compat import b10fs_enabled_by_b10_transfer, inductor_cache_dir, triton_kernels_bundled
+from model.artifacts import CompileArtifacts
+from model.compat import b10fs_enabled_by_b10_transfer, triton_kernels_bundled
 
 log = logging.getLogger(__name__)
 
@@ -118,22 +115,6 @@ def _has_artifacts(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
-def fingerprint(facts: Mapping[str, Any]) -> str:
-    """A short hash of everything that shapes the compiled artifacts, plus the library versions."""
-    versions = {}
-    for package in ("torch", "diffusers", "transformers", "triton"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu-{platform.machine()}"
-    payload = {**facts, "versions": versions, "python": platform.python_version(), "device": device}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    return digest[:16]
-
-
 class NoCache:
     name = "none"
 
@@ -149,13 +130,9 @@ class LocalDirectoryCache:
 
     name = "local"
 
-    def __init__(self, root: Path, key: str, inductor_dir: Path | None = None) -> None:
-        self.archive = root / key / ARCHIVE_NAME
-        self._inductor_dir = inductor_dir
-
-    @property
-    def inductor_dir(self) -> Path:
-        return self._inductor_dir or inductor_cache_dir()
+    def __init__(self, root: Path, artifacts: CompileArtifacts) -> None:
+        self.archive = root / artifacts.key / ARCHIVE_NAME
+        self.inductor_dir = artifacts.inductor_dir
 
     def restore(self) -> CacheResult:
         started = time.perf_counter()
@@ -242,8 +219,10 @@ class B10TransferCache:
     # A save keeps the generation before its own: another replica may still be copying it out.
     KEPT_GENERATIONS = 2
 
-    def __init__(self, key: str, root: Path = B10FS_ROOT) -> None:
-        self.directory = root / B10FS_CACHE_SUBDIR / key
+    def __init__(self, artifacts: CompileArtifacts, root: Path = B10FS_ROOT) -> None:
+        # b10-transfer itself archives TORCHINDUCTOR_CACHE_DIR, which is where artifacts.inductor_dir comes from.
+        self.artifacts = artifacts
+        self.directory = root / B10FS_CACHE_SUBDIR / artifacts.key
 
     def generation_dir(self, generation: int) -> Path:
         return self.directory / f"{GENERATION_PREFIX}{generation}"
@@ -307,7 +286,7 @@ class B10TransferCache:
             _warn_near_b10_transfer_cap(result.size_bytes)
         elif result.outcome is Outcome.ERROR:
             # b10-transfer logs why on its own logger; the one cause this package can foresee is its size cap.
-            uncompressed_mb = directory_size(inductor_cache_dir()) / 2**20
+            uncompressed_mb = directory_size(self.artifacts.inductor_dir) / 2**20
             result = replace(
                 result, detail=f"{result.detail} (inductor directory {uncompressed_mb:.0f} MB before compression)"
             )
@@ -374,7 +353,7 @@ def b10fs_enabled() -> B10fsCheck:
     return B10fsCheck(enabled, f"b10-transfer reads BASETEN_FS_ENABLED={value!r} as {'on' if enabled else 'off'}")
 
 
-def choose_backend(name: str, key: str, local_root: Path) -> CompileCache:
+def choose_backend(name: str, artifacts: CompileArtifacts, local_root: Path) -> CompileCache:
     """The named backend; "auto" is b10-transfer where b10-transfer says b10fs is on, the local directory elsewhere.
 
     The choice and its reason are logged: a silent fallback to the local directory turns every cold start into a miss.
@@ -388,9 +367,9 @@ def choose_backend(name: str, key: str, local_root: Path) -> CompileCache:
     else:
         log.info("compile cache backend: %s (cache_backend setting)", name)
     if name == "b10-transfer":
-        return B10TransferCache(key)
+        return B10TransferCache(artifacts)
     if name == "local":
-        return LocalDirectoryCache(local_root, key)
+        return LocalDirectoryCache(local_root, artifacts)
     if name == "none":
         return NoCache()
     raise ValueError(f"unknown cache backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -13,8 +13,10 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
+from pathlib import Path
 
 from model import precompile
+from model.artifacts import CompileArtifacts
 from model.cache import (
     CacheResult,
     CompileCache,
@@ -22,7 +24,7 @@ from model.cache import (
     archived_bytes,
     set_aside_what_a_hit_never_reads,
 )
-from model.compat import compile_counts, inductor_cache_dir
+from model.compat import compile_counts
 from model.compile import CompileSettings, compile_pipeline
 from model.engine import FluxEngine, Job
 from model.resolutions import Resolution
@@ -121,13 +123,13 @@ def prepare(
     engine: FluxEngine,
     compile_settings: CompileSettings,
     cache: CompileCache,
-    key: str,
+    artifacts: CompileArtifacts,
     restoring: Future[CacheResult] | None = None,
 ) -> ColdStartReport:
     """Restore (or join `restoring`), compile, warm up and save; returns what happened. The engine serves in every
     outcome.
 
-    `key` is the fingerprint of what shapes the compiled artifacts (model.cache.fingerprint).
+    `artifacts` names the Inductor directory and the cache key of this configuration (model.artifacts).
     """
     report = ColdStartReport(backend=cache.name)
     if not compile_settings.enabled:
@@ -141,7 +143,7 @@ def prepare(
     started = time.perf_counter()
     undo = None
     try:
-        undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()), key=key)
+        undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()), artifacts=artifacts)
         report.warmup = warm_up(engine, compile_settings.warmup_runs)
         report.compiled = True
     except Exception as exc:
@@ -160,17 +162,17 @@ def prepare(
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
-        report.save = _save(cache, compile_settings.precompile)
+        report.save = _save(cache, artifacts.inductor_dir, compile_settings.precompile)
         report.save_s = time.perf_counter() - started
-    report.cache_bytes = _archived_bytes(compile_settings.precompile)
+    report.cache_bytes = _archived_bytes(artifacts.inductor_dir, compile_settings.precompile)
     return report
 
 
-def _save(cache: CompileCache, precompiled: bool) -> CacheResult:
+def _save(cache: CompileCache, inductor_dir: Path, precompiled: bool) -> CacheResult:
     """Save without what a hit never reads; a failure to move it aside costs the save, never the deployment."""
     saved: CacheResult | None = None
     try:
-        with set_aside_what_a_hit_never_reads(inductor_cache_dir(), precompiled):
+        with set_aside_what_a_hit_never_reads(inductor_dir, precompiled):
             saved = _logged("save", cache.save())
     except Exception as exc:
         if saved is None:
@@ -182,10 +184,10 @@ def _save(cache: CompileCache, precompiled: bool) -> CacheResult:
     return saved
 
 
-def _archived_bytes(precompiled: bool) -> int:
+def _archived_bytes(inductor_dir: Path, precompiled: bool) -> int:
     """The size of what a save archives, for the report; 0 when the directory cannot be measured."""
     try:
-        return archived_bytes(inductor_cache_dir(), precompiled)
+        return archived_bytes(inductor_dir, precompiled)
     except Exception as exc:  # e.g. files vanishing during the walk: only a figure in the report is lost
         log.warning("compile cache: could not measure the inductor directory: %r", exc)
         return 0

@@ -12,10 +12,10 @@ import torch
 from diffusers import FluxPipeline
 
 from model import precompile
+from model.artifacts import CompileArtifacts
 from model.compat import (
     allow_recompiles,
     compiled_call,
-    inductor_cache_dir,
     repeated_block_names,
     set_compiled_call,
 )
@@ -54,11 +54,13 @@ class CompileSettings:
             )
 
 
-def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int, key: str) -> Callable[[], None]:
+def compile_pipeline(
+    pipe: FluxPipeline, settings: CompileSettings, shapes: int, artifacts: CompileArtifacts
+) -> Callable[[], None]:
     """Wrap the transformer and vae.decode in torch.compile; return a function that undoes it.
 
-    `shapes` is the number of served (resolution, text length) pairs: each is its own static graph. `key` is the
-    cache fingerprint: precompiled functions are kept per fingerprint, as the archives are.
+    `shapes` is the number of served (resolution, text length) pairs: each is its own static graph. Precompiled
+    functions are saved in `artifacts.precompiled_dir`, kept per cache key as the archives are.
     """
     allow_recompiles(2 * shapes)
     eager_decode = pipe.vae.decode
@@ -70,7 +72,7 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int,
         torch.compiler.reset()
 
     try:
-        _wrap(pipe, settings, eager_decode, key)
+        _wrap(pipe, settings, eager_decode, artifacts)
     except BaseException:
         # The caller gets no undo from a raising call, so undo here whatever was wrapped before the failure:
         # otherwise the engine would run half compiled while the log says eager.
@@ -87,10 +89,12 @@ def compile_pipeline(pipe: FluxPipeline, settings: CompileSettings, shapes: int,
     return undo
 
 
-def _wrap(pipe: FluxPipeline, settings: CompileSettings, eager_decode: Callable[..., Any], key: str) -> None:
+def _wrap(
+    pipe: FluxPipeline, settings: CompileSettings, eager_decode: Callable[..., Any], artifacts: CompileArtifacts
+) -> None:
     """Route the transformer (its repeated blocks, or all of it) and the VAE decode through compiled functions."""
     if settings.precompile:
-        _precompile(pipe, settings, inductor_cache_dir() / precompile.SUBDIRECTORY / key)
+        _precompile(pipe, settings, artifacts.precompiled_dir)
     else:
         options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": True}
         if settings.regional:

@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from model.cache import CacheResult, choose_backend, fingerprint
+from model.artifacts import CompileArtifacts
+from model.cache import CacheResult, choose_backend
 from model.coldstart import ColdStartReport, prepare, restore_in_background
 from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
@@ -46,10 +47,10 @@ class Model:
             return
         _log_gpu()
         settings = self._settings
-        # The key also initialises CUDA here, before the restore's thread starts (b10-transfer sets environment
-        # variables while it runs, which must not race CUDA's own reads of them).
-        key = fingerprint(settings.fingerprint_facts())
-        cache = choose_backend(settings.cache.backend, key, settings.cache.local_dir)
+        # The key names the GPU, which initialises CUDA here, before the restore's thread starts: b10-transfer sets
+        # environment variables while it runs, which must not race CUDA's own reads of them.
+        artifacts = CompileArtifacts.here(settings.fingerprint_facts())
+        cache = choose_backend(settings.cache.backend, artifacts, settings.cache.local_dir)
         # A retry after the weights failed joins the restore the failed attempt started, rather than racing it.
         if self._restoring is None:
             self._restoring = restore_in_background(cache, settings.compile)
@@ -58,7 +59,7 @@ class Model:
         optimize(pipe, settings.optimizations)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started
-        self.cold_start = prepare(engine, settings.compile, cache, key, self._restoring)
+        self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s
         self._engine = engine
         log.info("serving %s at %s", settings.model_source, settings.resolutions)

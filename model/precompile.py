@@ -22,7 +22,6 @@ from model.compat import aot_compile_enabled, inductor_mode_options, set_compile
 
 log = logging.getLogger(__name__)
 
-SUBDIRECTORY = "precompiled"
 # Read by model.coldstart's CompileCounters: how many functions were compiled, and loaded from files, in this process.
 COUNTERS = {"compiled": 0, "loaded": 0}
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from b10_transfer import OperationStatus
 
+from model.artifacts import CompileArtifacts, fingerprint
 from model.cache import (
     B10TransferCache,
     LocalDirectoryCache,
@@ -20,10 +21,12 @@ from model.cache import (
     Outcome,
     archived_bytes,
     choose_backend,
-    fingerprint,
     set_aside_what_a_hit_never_reads,
 )
 from model.settings import Settings
+
+# The inductor directory of tests that never read it.
+INDUCTOR = Path("/tmp/unused-inductor")
 
 
 def fill_with(directory: Path, files: dict[str, bytes]) -> dict[str, bytes]:
@@ -50,7 +53,7 @@ def inductor(tmp_path: Path) -> Path:
 
 
 def local(tmp_path: Path, inductor: Path, key: str = "k1") -> LocalDirectoryCache:
-    return LocalDirectoryCache(tmp_path / "store", key, inductor_dir=inductor)
+    return LocalDirectoryCache(tmp_path / "store", CompileArtifacts(inductor, key))
 
 
 # --- the local directory -------------------------------------------------------------------------
@@ -66,7 +69,7 @@ def test_local_miss_save_then_hit_restores_every_file(tmp_path: Path, inductor: 
     assert cache.restore().outcome is Outcome.PRESENT, "a retried load keeps the artifacts it has"
 
     fresh = tmp_path / "fresh-inductor"
-    restored = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore()
+    restored = LocalDirectoryCache(tmp_path / "store", CompileArtifacts(fresh, "k1")).restore()
     assert restored.outcome is Outcome.HIT
     assert contents(fresh) == files
 
@@ -89,7 +92,7 @@ def test_an_archive_leaves_out_only_what_a_hit_never_reads(
     assert contents(inductor) == files | kernels | graph_entries, "everything is back after the save"
 
     fresh = tmp_path / "fresh-inductor"
-    assert LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore().outcome is Outcome.HIT
+    assert LocalDirectoryCache(tmp_path / "store", CompileArtifacts(fresh, "k1")).restore().outcome is Outcome.HIT
     expected = files | ({} if bundled else kernels) | ({} if precompiled else graph_entries)
     assert contents(fresh) == expected
     assert archived == sum(map(len, contents(fresh).values()))
@@ -147,7 +150,7 @@ def test_damaged_archive_is_an_error_and_leaves_the_directory_clean(
     damaged = {"corrupt": os.urandom(len(data)), "truncated": data[: len(data) // 2], "empty": b""}[damage]
     cache.archive.write_bytes(damaged)
     fresh = tmp_path / "fresh"
-    result = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=fresh).restore()
+    result = LocalDirectoryCache(tmp_path / "store", CompileArtifacts(fresh, "k1")).restore()
     assert result.outcome is Outcome.ERROR, result
     assert not fresh.exists() or not any(fresh.iterdir()), "a failed restore must not leave partial artifacts"
 
@@ -168,7 +171,7 @@ def test_restore_into_an_unwritable_location_is_an_error(tmp_path: Path, inducto
     local(tmp_path, inductor).save()
     blocked_parent = tmp_path / "file"
     blocked_parent.write_text("x")
-    result = LocalDirectoryCache(tmp_path / "store", "k1", inductor_dir=blocked_parent / "inductor").restore()
+    result = LocalDirectoryCache(tmp_path / "store", CompileArtifacts(blocked_parent / "inductor", "k1")).restore()
     assert result.outcome is Outcome.ERROR
 
 
@@ -245,7 +248,7 @@ def test_every_status_is_truthy_which_is_why_they_are_mapped() -> None:
 def test_b10_transfer_status_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, status: OperationStatus) -> None:
     seen = fake_module(monkeypatch, "b10_transfer", load=status, save=status)
     monkeypatch.setenv("B10FS_CACHE_DIR", "/cache/model/untouched")
-    cache = B10TransferCache("feedc0de", root=tmp_path)
+    cache = B10TransferCache(CompileArtifacts(INDUCTOR, "feedc0de"), root=tmp_path)
     assert cache.restore().outcome is RESTORE_TABLE[status]
     assert cache.save().outcome is SAVE_TABLE[status]
     first_generation = tmp_path / "compile_cache" / "feedc0de" / "generation-0"
@@ -255,7 +258,7 @@ def test_b10_transfer_status_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_b10_transfer_raising_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fake_module(monkeypatch, "b10_transfer", load=OSError("b10fs unavailable"), save=RuntimeError("boom"))
-    cache = B10TransferCache("k", root=tmp_path)
+    cache = B10TransferCache(CompileArtifacts(INDUCTOR, "k"), root=tmp_path)
     assert cache.restore().outcome is Outcome.ERROR
     assert cache.save().outcome is Outcome.ERROR
 
@@ -294,7 +297,7 @@ def test_auto_reads_baseten_fs_enabled_as_b10_transfer_does(
 ) -> None:
     set_b10fs_enabled(monkeypatch, value)
     with caplog.at_level("INFO", logger="model.cache"):
-        backend = choose_backend("auto", "k", tmp_path)
+        backend = choose_backend("auto", CompileArtifacts(INDUCTOR, "k"), tmp_path)
     assert isinstance(backend, B10TransferCache if reading == "on" else LocalDirectoryCache)
     (record,) = [r for r in caplog.records if "compile cache backend" in r.getMessage()]
     assert repr(value) in record.getMessage(), "the log names the value it decided on"
@@ -321,7 +324,7 @@ def test_auto_without_b10_transfer_installed_warns(
     monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
     monkeypatch.setitem(sys.modules, "b10_transfer.utils", None)  # makes the import fail
     with caplog.at_level("INFO", logger="model.cache"):
-        assert isinstance(choose_backend("auto", "k", tmp_path), LocalDirectoryCache)
+        assert isinstance(choose_backend("auto", CompileArtifacts(INDUCTOR, "k"), tmp_path), LocalDirectoryCache)
     assert "b10-transfer is not installed" in caplog.text and "WARNING" in [r.levelname for r in caplog.records]
 
 
@@ -334,12 +337,12 @@ def test_auto_without_b10_transfer_installed_warns(
     ],
 )
 def test_a_setting_overrides_the_choice(tmp_path: Path, name: str, kind: type) -> None:
-    assert isinstance(choose_backend(name, "k", tmp_path), kind)
+    assert isinstance(choose_backend(name, CompileArtifacts(INDUCTOR, "k"), tmp_path), kind)
 
 
 def test_unknown_backend_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown cache backend"):
-        choose_backend("redis", "k", tmp_path)
+        choose_backend("redis", CompileArtifacts(INDUCTOR, "k"), tmp_path)
 
 
 # --- the real b10-transfer, against a local directory under /cache/model ---------------------------
@@ -350,7 +353,7 @@ def test_real_b10_transfer_round_trip(b10fs: types.SimpleNamespace) -> None:
 
     b10fs.inductor.mkdir()
     files = fill(b10fs.inductor)
-    cache = B10TransferCache("roundtrip", root=b10fs.root)
+    cache = B10TransferCache(CompileArtifacts(b10fs.inductor, "roundtrip"), root=b10fs.root)
     assert cache.restore().outcome is Outcome.MISS
     saved = cache.save()
     assert saved.outcome is Outcome.SAVED and saved.size_bytes > 0, "the real, compressed archive size is reported"
@@ -361,7 +364,10 @@ def test_real_b10_transfer_round_trip(b10fs: types.SimpleNamespace) -> None:
     assert cache.restore().outcome is Outcome.HIT
     assert contents(b10fs.inductor) == files
     # Another fingerprint has its own archive: a changed config is never blocked by a stale one.
-    assert B10TransferCache("other-config", root=b10fs.root).save().outcome is Outcome.SAVED
+    assert (
+        B10TransferCache(CompileArtifacts(b10fs.inductor, "other-config"), root=b10fs.root).save().outcome
+        is Outcome.SAVED
+    )
 
 
 def test_real_b10_transfer_saves_what_a_hit_compiled_as_a_new_generation(b10fs: types.SimpleNamespace) -> None:
@@ -369,7 +375,7 @@ def test_real_b10_transfer_saves_what_a_hit_compiled_as_a_new_generation(b10fs: 
 
     b10fs.inductor.mkdir()
     first = fill(b10fs.inductor)
-    cache = B10TransferCache("generations", root=b10fs.root)
+    cache = B10TransferCache(CompileArtifacts(b10fs.inductor, "generations"), root=b10fs.root)
     assert cache.save().outcome is Outcome.SAVED
 
     # A later start restores it, compiles one more graph and saves: b10-transfer alone would answer SKIPPED.
@@ -392,7 +398,7 @@ def test_real_b10_transfer_saves_what_a_hit_compiled_as_a_new_generation(b10fs: 
 def test_real_b10_transfer_skips_a_generation_another_replica_stored(b10fs: types.SimpleNamespace) -> None:
     b10fs.inductor.mkdir()
     fill(b10fs.inductor)
-    cache = B10TransferCache("race", root=b10fs.root)
+    cache = B10TransferCache(CompileArtifacts(b10fs.inductor, "race"), root=b10fs.root)
     real_stored = cache.stored_generations
     # Both replicas looked before either saved; the second finds the first's archive in place.
     cache.stored_generations = lambda: []
@@ -406,6 +412,6 @@ def test_real_b10_transfer_works_exactly_where_auto_picks_it(
     b10fs: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None, reading: str
 ) -> None:
     set_b10fs_enabled(monkeypatch, value)
-    picked = choose_backend("auto", "spelling", tmp_path)
-    outcome = B10TransferCache("spelling", root=b10fs.root).restore().outcome
+    picked = choose_backend("auto", CompileArtifacts(b10fs.inductor, "spelling"), tmp_path)
+    outcome = B10TransferCache(CompileArtifacts(b10fs.inductor, "spelling"), root=b10fs.root).restore().outcome
     assert isinstance(picked, B10TransferCache) is (outcome is not Outcome.ERROR), (value, outcome)

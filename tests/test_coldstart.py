@@ -17,6 +17,7 @@ from bench import NO_BODY
 from model import coldstart
 from model import compile as compile_module
 from model import model as model_module
+from model.artifacts import CompileArtifacts
 from model.cache import B10TransferCache, CacheResult, NoCache, Outcome
 from model.coldstart import CompileCounters, WarmupReport
 from model.compat import compiled_call, set_compiled_call
@@ -29,6 +30,8 @@ from model.settings import Settings, config_metadata
 from tests.conftest import TINY_EAGER
 from tests.test_cache import fake_module
 
+# Nothing compiles for real in these tests, so the directory stays empty.
+ARTIFACTS = CompileArtifacts(Path("/tmp/coldstart-tests-inductor"), "k")
 REQUEST = GenerateRequest(prompt="a harbour at night", width=1216, height=832, seed=21)
 
 
@@ -74,7 +77,7 @@ def test_load_status_table(
 ) -> None:
     fake_module(monkeypatch, "b10_transfer", load=status, save=OperationStatus.SUCCESS)
     calls = fake_compile(monkeypatch, new_graphs)
-    report = coldstart.prepare(fresh_engine, CompileSettings(), B10TransferCache("k", root=tmp_path), "k")
+    report = coldstart.prepare(fresh_engine, CompileSettings(), B10TransferCache(ARTIFACTS, root=tmp_path), ARTIFACTS)
     assert calls == ["compile", "warm_up"], "compile and warm-up run whatever the cache said"
     assert report.restore.outcome is restore
     assert (report.save is not None) is saves
@@ -83,7 +86,7 @@ def test_load_status_table(
 
 def test_compile_disabled_touches_no_cache(monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine) -> None:
     calls = fake_compile(monkeypatch, 0)
-    report = coldstart.prepare(fresh_engine, CompileSettings(enabled=False), NoCache(), "k")
+    report = coldstart.prepare(fresh_engine, CompileSettings(enabled=False), NoCache(), ARTIFACTS)
     assert calls == [] and report.restore is None and not report.compiled
 
 
@@ -94,7 +97,7 @@ def test_compile_raising_falls_back_to_eager(
         raise RuntimeError("inductor exploded")
 
     monkeypatch.setattr(coldstart, "compile_pipeline", broken)
-    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), "k")
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), ARTIFACTS)
     assert "inductor exploded" in report.eager_fallback_reason
     assert "COMPILE FAILED, serving EAGER" in caplog.text
     assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
@@ -109,7 +112,7 @@ def test_warm_up_raising_undoes_the_compile(
         raise RuntimeError("warm-up failed")
 
     monkeypatch.setattr(coldstart, "warm_up", broken)
-    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), "k")
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), ARTIFACTS)
     assert "warm-up failed" in report.eager_fallback_reason
     assert fresh_engine.pipe.vae.decode == eager_decode
     assert all(compiled_call(m) is None for m in fresh_engine.pipe.transformer.modules())
@@ -118,7 +121,7 @@ def test_warm_up_raising_undoes_the_compile(
 
 def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
     pipe = fresh_engine.pipe
-    undo = compile_pipeline(pipe, CompileSettings(), shapes=6, key="k")
+    undo = compile_pipeline(pipe, CompileSettings(), shapes=6, artifacts=ARTIFACTS)
     compiled = [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
     assert compiled and all(type(m).__name__.endswith("Block") for m in compiled)
     import torch
@@ -195,7 +198,7 @@ def test_compile_raising_halfway_leaves_nothing_compiled(
         # Every block and vae.decode are wrapped (lazily: nothing compiles) by the time the layout is shared.
         monkeypatch.setattr(compile_module, "_share_single_block_layout", fail_after_wrapping)
 
-    report = coldstart.prepare(fresh_engine, CompileSettings(precompile=precompile), NoCache(), "k")
+    report = coldstart.prepare(fresh_engine, CompileSettings(precompile=precompile), NoCache(), ARTIFACTS)
     assert wrapped_before_the_failure, "the fault came after some modules were wrapped"
     assert "compiler failed halfway" in report.eager_fallback_reason and not report.compiled
     assert "COMPILE FAILED, serving EAGER" in caplog.text
@@ -299,7 +302,7 @@ def test_a_restore_raising_on_its_thread_costs_only_a_compile(
 
     calls = fake_compile(monkeypatch, new_graphs=1)
     restoring = coldstart.restore_in_background(Broken(), CompileSettings())
-    report = coldstart.prepare(fresh_engine, CompileSettings(), Broken(), "k", restoring)
+    report = coldstart.prepare(fresh_engine, CompileSettings(), Broken(), ARTIFACTS, restoring)
     assert report.restore.outcome is Outcome.ERROR and "backend bug" in report.restore.detail
     assert calls == ["compile", "warm_up"] and report.eager_fallback_reason is None
 

@@ -90,8 +90,10 @@ def start(resolutions: str, key: str, b10fs_root: str) -> dict:
 
     The key stays the same while the served set grows, as when an archive lacks a graph its configuration needs.
     """
+    from model.artifacts import CompileArtifacts
     from model.cache import B10TransferCache
     from model.coldstart import prepare
+    from model.compat import inductor_cache_dir
     from model.engine import FluxEngine
     from model.pipeline import load_pipeline
     from model.settings import Settings
@@ -100,8 +102,9 @@ def start(resolutions: str, key: str, b10fs_root: str) -> dict:
         environ={"FLUX_MODEL_SOURCE": "tiny", **PARTIAL_ENV, "FLUX_RESOLUTIONS": resolutions}
     )
     engine = FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
-    cache = B10TransferCache(key, root=Path(b10fs_root))
-    report = prepare(engine, settings.compile, cache, key)
+    artifacts = CompileArtifacts(inductor_cache_dir(), key)
+    cache = B10TransferCache(artifacts, root=Path(b10fs_root))
+    report = prepare(engine, settings.compile, cache, artifacts)
     return {
         "restore": report.restore.outcome.value,
         "save": report.save.outcome.value if report.save else None,

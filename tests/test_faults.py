@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from model.cache import ARCHIVE_NAME, fingerprint
+from model.artifacts import fingerprint
+from model.cache import ARCHIVE_NAME
 from model.random_flux import build_random_pipeline
 from model.settings import Settings
 from tests.conftest import RunningServer, decode_jpeg, start_server

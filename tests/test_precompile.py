@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model import precompile
+from model.artifacts import CompileArtifacts
 from model.compile import CompileSettings, compile_pipeline
 from model.engine import FluxEngine
 from model.pipeline import load_pipeline
@@ -112,10 +113,13 @@ def test_each_fingerprint_keeps_its_own_functions(
     for key in ("first-fingerprint", "second-fingerprint"):
         before = counters()
         # Without the VAE, which compiles slowest on a CPU and would show nothing more here.
-        undo = compile_pipeline(pipe, CompileSettings(precompile=True, compile_vae=False), shapes=1, key=key)
+        artifacts = CompileArtifacts(tmp_path, key)
+        undo = compile_pipeline(
+            pipe, CompileSettings(precompile=True, compile_vae=False), shapes=1, artifacts=artifacts
+        )
         engine.run(job)
         undo()
         # The double block and the single block; nothing loaded from the other fingerprint.
         assert counters()["compiled"] - before["compiled"] == 2
         assert counters()["loaded"] == before["loaded"]
-        assert len(list((tmp_path / precompile.SUBDIRECTORY / key).glob("*.bin"))) == 2
+        assert len(list(artifacts.precompiled_dir.glob("*.bin"))) == 2
