@@ -27,7 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
+
+from model.settings import CacheBackend
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +379,7 @@ class LegacyTcacheCache:
         return self._call("save_compile_cache", Outcome.SAVED, Outcome.ERROR)
 
 
-BACKENDS = ("auto", "b10-transfer", "b10-tcache", "local", "none")
+BACKENDS: tuple[str, ...] = get_args(CacheBackend)
 
 
 @dataclass(frozen=True)
