@@ -1,7 +1,7 @@
 """Named optimization switches, applied in one place before compilation.
 
-Each switch is a field of `Optimizations` with the reason it exists; BENCHMARKS.md has what
-each one measured on an H200, and config.yaml turns on those that paid off.
+Each switch is declared, with the reason it exists, as a field of `model.settings.Optimizations`;
+BENCHMARKS.md has what each one measured on an H200, and config.yaml turns on those that paid off.
 """
 
 from __future__ import annotations
