@@ -2,40 +2,44 @@
 
 import logging
 import sys
+from typing import Any
 
 from starlette.requests import Request
+
+from model.settings import env_for
 
 # Model.predict's second argument when it is called outside the server: a request declaring no body.
 NO_BODY = Request({"type": "http", "headers": []})
 
-# Each named configuration is a set of FLUX_* overrides of config.yaml; "a+b" combines them.
-CONFIGS: dict[str, dict[str, str]] = {
-    "eager": {"FLUX_COMPILE": "0"},
+# Each named configuration overrides some of config.yaml's settings, by their declared keys; "a+b" combines them.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "eager": {"compile": False},
     "default": {},
-    "whole": {"FLUX_COMPILE_REGIONAL": "0", "FLUX_COMPILE_PRECOMPILE": "0"},
-    "regional": {"FLUX_COMPILE_REGIONAL": "1"},
-    "no_vae_compile": {"FLUX_COMPILE_VAE": "0"},
-    "fuse_qkv": {"FLUX_FUSE_QKV": "1"},
-    "no_fuse_qkv": {"FLUX_FUSE_QKV": "0"},
-    "channels_last": {"FLUX_VAE_CHANNELS_LAST": "1"},
-    "cudnn": {"FLUX_ATTENTION_BACKEND": "_native_cudnn"},
-    "flash": {"FLUX_ATTENTION_BACKEND": "_native_flash"},
-    "sdpa": {"FLUX_ATTENTION_BACKEND": ""},
-    "max_autotune": {"FLUX_COMPILE_MODE": "max-autotune"},
-    "max_autotune_no_cudagraphs": {"FLUX_COMPILE_MODE": "max-autotune-no-cudagraphs"},
-    "dynamic": {"FLUX_COMPILE_DYNAMIC": "1"},
-    "no_shared_layout": {"FLUX_COMPILE_SHARED_BLOCK_LAYOUT": "0"},
-    "precompile": {"FLUX_COMPILE_PRECOMPILE": "1"},
-    "no_precompile": {"FLUX_COMPILE_PRECOMPILE": "0"},
-    "fp8": {"FLUX_FP8": "1"},
+    "whole": {"compile_regional": False, "compile_precompile": False},
+    "regional": {"compile_regional": True},
+    "no_vae_compile": {"compile_vae": False},
+    "fuse_qkv": {"fuse_qkv": True},
+    "no_fuse_qkv": {"fuse_qkv": False},
+    "channels_last": {"vae_channels_last": True},
+    "cudnn": {"attention_backend": "_native_cudnn"},
+    "flash": {"attention_backend": "_native_flash"},
+    "sdpa": {"attention_backend": None},
+    "max_autotune": {"compile_mode": "max-autotune"},
+    "max_autotune_no_cudagraphs": {"compile_mode": "max-autotune-no-cudagraphs"},
+    "dynamic": {"compile_dynamic": True},
+    "no_shared_layout": {"compile_shared_block_layout": False},
+    "precompile": {"compile_precompile": True},
+    "no_precompile": {"compile_precompile": False},
+    "fp8": {"fp8": True},
 }
 
 
 def config_env(name: str) -> dict[str, str]:
-    env: dict[str, str] = {}
+    """The FLUX_* environment of a named configuration, or of several joined by "+" (later ones win)."""
+    overrides: dict[str, Any] = {}
     for part in name.split("+"):
-        env.update(CONFIGS[part])
-    return env
+        overrides.update(CONFIGS[part])
+    return env_for(**overrides)
 
 
 def log_to_stderr() -> None:

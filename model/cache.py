@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, get_args
 
 from model.artifacts import CompileArtifacts
 from model.compat import b10fs_enabled_by_b10_transfer, triton_kernels_bundled
+from model.settings import CacheBackend
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def _warn_near_b10_transfer_cap(archive_bytes: int) -> None:
         )
 
 
-BACKENDS = ("auto", "b10-transfer", "local", "none")
+BACKENDS: tuple[str, ...] = get_args(CacheBackend)
 
 
 @dataclass(frozen=True)

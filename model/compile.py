@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +18,9 @@ from model.compat import (
     repeated_block_names,
     set_compiled_call,
 )
+from model.settings import CompileSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CompileSettings:
-    enabled: bool = True
-    # On an H200, max-autotune-no-cudagraphs denoised no faster than "default" and compiled about 4x longer.
-    mode: str = "default"
-    # Compiling one block of each repeated kind and reusing it for all 57 blocks compiles about 2x faster
-    # than the whole transformer, at the same warm latency (H200).
-    regional: bool = True
-    compile_vae: bool = True
-    # Every served shape is warmed up, so static graphs never recompile on the request path.
-    dynamic: bool = False
-    # Up to two runs per shape: the first compiles, the second proves no guard fails on reuse. A shape whose
-    # first run compiled nothing new (a cache hit) runs once: its code already passed that check when it was
-    # compiled, and on an H200 the second runs were about 2 s of a hit's load().
-    warmup_runs: int = 2
-    # Hand the first single block its inputs in the layout every later single block gets, so that one graph
-    # serves them all (see _share_single_block_layout): a graph fewer per served shape.
-    shared_block_layout: bool = True
-    # Compile ahead of time and save each compiled region as a file (model.precompile): a cache hit then
-    # loads functions instead of tracing every graph with Dynamo again, which halved the H200's hit.
-    precompile: bool = True
-
-    def __post_init__(self) -> None:
-        if self.precompile and not self.regional:
-            # The whole transformer's forward is wrapped by a diffusers decorator, which a saved function cannot name.
-            raise ValueError(
-                "compile_precompile needs compile_regional: only the repeated blocks can be precompiled; "
-                "set compile_precompile to false to compile the whole transformer"
-            )
 
 
 def compile_pipeline(
@@ -103,7 +72,8 @@ def _wrap(
             pipe.transformer.compile(**options)
         if settings.compile_vae:
             pipe.vae.decode = torch.compile(eager_decode, **options)
-    # Both paths fill the blocks' compiled-call slot; precompile is always regional (CompileSettings checks).
+    # Both paths fill the blocks' compiled-call slot; precompile is always regional (model.settings turns it off
+    # without regional compilation).
     if settings.regional and settings.shared_block_layout:
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
 

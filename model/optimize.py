@@ -1,37 +1,20 @@
 """Named optimization switches, applied in one place before compilation.
 
-Each switch is a field of `Optimizations` with the reason it exists; BENCHMARKS.md has what
-each one measured on an H200, and config.yaml turns on those that paid off.
+Each switch is declared, with the reason it exists, as a field of `model.settings.Optimizations`;
+BENCHMARKS.md has what each one measured on an H200, and config.yaml turns on those that paid off.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from diffusers import FluxPipeline
 
 from model.blocks import BlockHook
+from model.settings import Optimizations
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Optimizations:
-    # One matmul for Q, K and V instead of three: fewer, larger GEMMs and kernel launches.
-    fuse_qkv: bool = False
-    # The VAE decoder is all convolutions; NHWC is the layout cuDNN's tensor-core kernels want.
-    vae_channels_last: bool = False
-    # diffusers' attention dispatcher backend, e.g. "_native_cudnn" (cuDNN's fused attention in SDPA)
-    # or "_native_flash"; None keeps SDPA's own choice.
-    attention_backend: str | None = None
-    # float8 dynamic row-wise activations and weights for the transformer's linears (torchao): half the
-    # weight bytes and twice the tensor-core rate on Hopper, at a small numerical cost (see BENCHMARKS.md).
-    fp8: bool = False
-
-    def enabled(self) -> list[str]:
-        return [name for name, value in vars(self).items() if value]
 
 
 def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:

@@ -1,113 +1,193 @@
-"""Typed serving settings: config.yaml's model_metadata, overridden by FLUX_* environment variables.
+"""Every serving setting, declared once: its type, default, model_metadata key, FLUX_<KEY> override and meaning.
 
-One place reads both, so every other module takes typed settings and never looks at os.environ.
+config.yaml's model_metadata sets them and FLUX_* environment variables override it; the declared default fills in
+the rest. This is the one module that reads either, so every other module takes the typed groups below and never
+looks at os.environ. Plain data: importing it imports neither torch nor diffusers.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
+import pydantic
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict
 
-from model.compile import CompileSettings
-from model.optimize import Optimizations
 from model.resolutions import ResolutionRegistry
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "FLUX_"
-# The package's own config.yaml: the one source of the served sizes and every other default.
+# The package's own config.yaml: the one source of the served sizes and every other deployed value.
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 DEFAULT_LOCAL_CACHE_DIR = Path.home() / ".cache" / "flux-schnell-truss" / "compile"
+# model_metadata keys that Truss and Baseten read for themselves: allowed beside the settings, never parsed here.
+PLATFORM_METADATA_KEYS = frozenset({"example_model_input", "tags", "avatar_url", "cover_image_url"})
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# "auto": b10-transfer on Baseten's cache volume, the local directory elsewhere (model.cache).
+CacheBackend = Literal["auto", "b10-transfer", "local", "none"]
 
 
-def config_metadata(path: Path = CONFIG_PATH) -> dict[str, Any]:
-    """model_metadata of a Truss config file, for code that runs outside the Truss server."""
-    return yaml.safe_load(path.read_text())["model_metadata"]
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"{value!r} is not a boolean")
-
-
-def _as_list(value: Any) -> list[str]:
+def _comma_separated(value: Any) -> Any:
+    """An environment variable holds a list as "a,b"; YAML gives a real list."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
-    return [str(item) for item in value]
+    return value
+
+
+def _empty_is_none(value: Any) -> Any:
+    # FLUX_ATTENTION_BACKEND= (set, but empty) is how an environment says "none".
+    return None if value == "" else value
+
+
+def _parse_resolutions(value: Any) -> Any:
+    if isinstance(value, ResolutionRegistry):
+        return value
+    return ResolutionRegistry.parse(str(text) for text in _comma_separated(value))
+
+
+def _sorted_unique(values: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(set(values)))
+
+
+Resolutions = Annotated[ResolutionRegistry, BeforeValidator(_parse_resolutions)]
+TextLengths = Annotated[tuple[int, ...], BeforeValidator(_comma_separated), AfterValidator(_sorted_unique)]
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
+OptionalName = Annotated[str | None, BeforeValidator(_empty_is_none)]
+
+_DECLARED = "setting"
+
+
+def setting(key: str, default: Any = MISSING, *, meaning: str) -> Any:
+    """Declare one setting: its model_metadata key (FLUX_<KEY> in the environment), its default and what it does.
+
+    No default makes the setting required: config.yaml gives it. The field's annotation is its type.
+    """
+    return field(default=default, metadata={_DECLARED: (key, meaning)})
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """torch.compile of the transformer and the VAE decode, and the warm-up (model.compile)."""
+
+    enabled: bool = setting("compile", True, meaning="`false` serves eager")
+    # On an H200, max-autotune-no-cudagraphs denoised no faster than "default" and compiled about 4x longer.
+    mode: CompileMode = setting("compile_mode", "default", meaning="the `torch.compile` mode")
+    # Compiling one block of each repeated kind and reusing it for all 57 blocks compiles about 2x faster
+    # than the whole transformer, at the same warm latency (H200).
+    regional: bool = setting(
+        "compile_regional", True, meaning="compile one block of each repeated kind instead of the whole transformer"
+    )
+    compile_vae: bool = setting("compile_vae", True, meaning="compile `vae.decode` too")
+    # Every served shape is warmed up, so static graphs never recompile on the request path.
+    dynamic: bool = setting(
+        "compile_dynamic", False, meaning="one dynamic-shape graph for all sizes instead of one static graph per size"
+    )
+    # Up to two runs per shape: the first compiles, the second proves no guard fails on reuse. A shape whose
+    # first run compiled nothing new (a cache hit) runs once: its code already passed that check when it was
+    # compiled, and on an H200 the second runs were about 2 s of a hit's load().
+    warmup_runs: int = setting(
+        "warmup_runs", 2, meaning="most warm-up runs per served shape; a shape that compiled nothing new runs once"
+    )
+    # Hand the first single block its inputs in the layout every later single block gets, so that one graph
+    # serves them all (model.compile): a graph fewer per served shape.
+    shared_block_layout: bool = setting(
+        "compile_shared_block_layout",
+        True,
+        meaning="give the first single block the later blocks' input layout: a graph fewer per size",
+    )
+    # Compile ahead of time and save each compiled region as a file (model.precompile): a cache hit then
+    # loads functions instead of tracing every graph with Dynamo again, which halved the H200's hit.
+    precompile: bool = setting(
+        "compile_precompile",
+        True,
+        meaning="compile ahead of time and save the compiled functions with the cache, so a hit skips Dynamo's "
+        "tracing (an experimental torch API); turned off, with a warning, without `compile_regional` or with `fp8`",
+    )
+
+
+@dataclass(frozen=True)
+class Optimizations:
+    """Named optimization switches, applied in one place before compilation (model.optimize).
+
+    BENCHMARKS.md has what each measured on an H200, and config.yaml turns on those that paid off.
+    """
+
+    # One matmul for Q, K and V instead of three: fewer, larger GEMMs and kernel launches.
+    fuse_qkv: bool = setting("fuse_qkv", False, meaning="fuse the attention's Q, K and V projections into one matmul")
+    # The VAE decoder is all convolutions; NHWC is the layout cuDNN's tensor-core kernels want.
+    vae_channels_last: bool = setting(
+        "vae_channels_last", False, meaning="run the VAE in the channels-last (NHWC) memory layout"
+    )
+    # e.g. "_native_cudnn" (cuDNN's fused attention in SDPA) or "_native_flash"; None keeps SDPA's own choice.
+    attention_backend: OptionalName = setting(
+        "attention_backend", None, meaning="diffusers' attention backend, e.g. `_native_cudnn`; empty keeps SDPA's"
+    )
+    # float8 dynamic row-wise activations and weights for the transformer's linears (torchao): half the
+    # weight bytes and twice the tensor-core rate on Hopper, at a small numerical cost (see BENCHMARKS.md).
+    fp8: bool = setting("fp8", False, meaning="float8 weights and activations for the transformer's linears (torchao)")
+
+    def enabled(self) -> list[str]:
+        return [name for name, value in vars(self).items() if value]
 
 
 @dataclass(frozen=True)
 class CacheSettings:
-    # "auto": b10-transfer on Baseten's cache volume, the local directory elsewhere (model.cache).
-    backend: str = "auto"
-    local_dir: Path = DEFAULT_LOCAL_CACHE_DIR
+    """Where the compile cache is kept between starts (model.cache)."""
+
+    backend: CacheBackend = setting(
+        "cache_backend",
+        "auto",
+        meaning="`auto` picks b10-transfer where b10-transfer's own check says Baseten's cache volume is enabled, "
+        "the local directory elsewhere, and logs the choice with its reason",
+    )
+    local_dir: Path = setting(
+        "cache_dir", DEFAULT_LOCAL_CACHE_DIR, meaning="where the local backend keeps its archives"
+    )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    repo_id: str
+    repo_id: str = setting(
+        "repo_id", "black-forest-labs/FLUX.1-schnell", meaning="the Hugging Face repo the weights come from"
+    )
     # "hf" loads weights_path when mounted, else repo_id from the hub; "tiny" and "full-random"
     # build an offline architecture (model.random_flux); anything else is a local directory.
-    model_source: str
-    weights_path: Path | None
-    resolutions: ResolutionRegistry
-    text_lengths: tuple[int, ...]
-    compile: CompileSettings
-    optimizations: Optimizations
-    cache: CacheSettings
+    model_source: str = setting(
+        "model_source",
+        "hf",
+        meaning="`hf`: the weights mount, else `repo_id` from the hub; `tiny` or `full-random`: an offline "
+        "architecture; else a local diffusers directory",
+    )
+    weights_path: OptionalPath = setting("weights_path", None, meaning="where config.yaml's `weights:` mounts the repo")
+    resolutions: Resolutions = setting(
+        "resolutions", meaning="every served `WIDTHxHEIGHT`; each is compiled and warmed up, any other size gets a 400"
+    )
+    text_lengths: TextLengths = setting(
+        "text_lengths", meaning="T5 sequence lengths compiled for each size; a request's length rounds up to one"
+    )
+    compile: CompileSettings = field(default_factory=CompileSettings)
+    optimizations: Optimizations = field(default_factory=Optimizations)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     @classmethod
     def from_sources(
         cls, metadata: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> Settings:
-        """Merge model_metadata (config.yaml's when None) with FLUX_* environment variables; the environment wins."""
+        """Merge model_metadata (config.yaml's when None) with FLUX_* environment variables; the environment wins.
+
+        Raises SettingsError naming each bad value and where it came from, or an unknown model_metadata key.
+        """
         meta = dict(config_metadata() if metadata is None else metadata)
         env = os.environ if environ is None else environ
-
-        def pick(key: str, default: Any = None) -> Any:
-            return env.get(ENV_PREFIX + key.upper(), meta.get(key, default))
-
-        weights_path = pick("weights_path")
-        compile_defaults, opt_defaults, cache_defaults = CompileSettings(), Optimizations(), CacheSettings()
-        fp8 = _as_bool(pick("fp8", opt_defaults.fp8))
-        return cls(
-            repo_id=str(pick("repo_id")),
-            model_source=str(pick("model_source", "hf")),
-            weights_path=Path(weights_path) if weights_path else None,
-            resolutions=ResolutionRegistry.parse(_as_list(pick("resolutions"))),
-            text_lengths=tuple(sorted({int(n) for n in _as_list(pick("text_lengths"))})),
-            compile=CompileSettings(
-                enabled=_as_bool(pick("compile", compile_defaults.enabled)),
-                mode=str(pick("compile_mode", compile_defaults.mode)),
-                regional=_as_bool(pick("compile_regional", compile_defaults.regional)),
-                compile_vae=_as_bool(pick("compile_vae", compile_defaults.compile_vae)),
-                dynamic=_as_bool(pick("compile_dynamic", compile_defaults.dynamic)),
-                shared_block_layout=_as_bool(pick("compile_shared_block_layout", compile_defaults.shared_block_layout)),
-                # fp8 was measured on the GPU with Dynamo's own compile; its quantized weights have never gone
-                # through a precompiled function, so fp8 keeps the measured path.
-                precompile=_as_bool(pick("compile_precompile", compile_defaults.precompile)) and not fp8,
-                warmup_runs=int(pick("warmup_runs", compile_defaults.warmup_runs)),
-            ),
-            optimizations=Optimizations(
-                fuse_qkv=_as_bool(pick("fuse_qkv", opt_defaults.fuse_qkv)),
-                vae_channels_last=_as_bool(pick("vae_channels_last", opt_defaults.vae_channels_last)),
-                attention_backend=pick("attention_backend", opt_defaults.attention_backend) or None,
-                fp8=fp8,
-            ),
-            cache=CacheSettings(
-                backend=str(pick("cache_backend", cache_defaults.backend)),
-                local_dir=Path(pick("cache_dir", cache_defaults.local_dir)),
-            ),
-        )
+        return build(validate(read_sources(meta, env)))
 
     def fingerprint_facts(self) -> dict[str, Any]:
         """What shapes the compiled artifacts, for the cache key."""
@@ -118,3 +198,222 @@ class Settings:
             "resolutions": [str(r) for r in self.resolutions],
             "text_lengths": list(self.text_lengths),
         }
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used as given: the message names the setting, the value and its source."""
+
+
+@dataclass(frozen=True)
+class Declaration:
+    key: str
+    meaning: str
+    annotation: Any
+    default: Any  # MISSING when config.yaml must give it
+    # Where the value lands: ("compile", "mode") is settings.compile.mode; ("repo_id",) is settings.repo_id.
+    path: tuple[str, ...]
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.key.upper()
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+
+@functools.cache
+def declarations() -> dict[str, Declaration]:
+    """Every setting by its key, in declaration order, read from the `setting(...)` fields above."""
+    found: dict[str, Declaration] = {}
+
+    def walk(cls: type, path: tuple[str, ...]) -> None:
+        hints = get_type_hints(cls, include_extras=True)
+        for f in fields(cls):
+            if _DECLARED in f.metadata:
+                key, meaning = f.metadata[_DECLARED]
+                if key in found:
+                    raise TypeError(f"setting {key!r} is declared twice")
+                found[key] = Declaration(key, meaning, hints[f.name], f.default, (*path, f.name))
+            elif is_dataclass(hints[f.name]):
+                walk(hints[f.name], (*path, f.name))
+
+    walk(Settings, ())
+    return found
+
+
+@functools.cache
+def _model() -> type[pydantic.BaseModel]:
+    """The pydantic model that parses every setting by its key: one field per declaration."""
+    config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, protected_namespaces=())
+    specs: dict[str, Any] = {
+        d.key: (d.annotation, pydantic.Field(... if d.required else d.default, description=d.meaning))
+        for d in declarations().values()
+    }
+    return pydantic.create_model("FluxSettings", __config__=config, **specs)
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Each given value by key, and where it came from (a FLUX_ variable or model_metadata)."""
+
+    values: dict[str, Any]
+    origins: dict[str, str]
+
+
+def read_sources(metadata: Mapping[str, Any], environ: Mapping[str, str]) -> Raw:
+    """The given values: the environment's over model_metadata's. Unknown metadata keys are refused by name."""
+    declared = declarations()
+    _refuse_unknown("model_metadata key", set(metadata) - PLATFORM_METADATA_KEYS, declared)
+    values = {key: metadata[key] for key in declared if key in metadata}
+    origins = dict.fromkeys(values, "model_metadata")
+    for d in declared.values():
+        if d.env in environ:
+            values[d.key] = environ[d.env].strip()
+            origins[d.key] = d.env
+    known = {d.env for d in declared.values()}
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        # The environment is shared with everything else in the container, so a stray name only warns.
+        log.warning("%s is not a setting and is ignored; the settings are %s", name, ", ".join(sorted(known)))
+    return Raw(values, origins)
+
+
+def _refuse_unknown(what: str, keys: Iterable[str], declared: Mapping[str, Declaration]) -> None:
+    if unknown := sorted(set(keys) - set(declared)):
+        raise SettingsError(f"unknown {what} {', '.join(map(repr, unknown))}; the settings are: {', '.join(declared)}")
+
+
+def validate(raw: Raw) -> dict[str, Any]:
+    """Parse every value to its declared type, then settle the conflicts between switches."""
+    try:
+        parsed = _model().model_validate(raw.values)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error["loc"] else "?"
+            if key in raw.values:
+                problems.append(f"{key}={raw.values[key]!r} (from {raw.origins[key]}): {error['msg']}")
+            else:
+                problems.append(f"{key} (not given): {error['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
+    return settle(dict(parsed))
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two switches that cannot both be on: `yields` is turned off while `wins` holds, with a warning."""
+
+    yields: str
+    wins: str
+    holds: Callable[[Mapping[str, Any]], bool]
+    reason: str
+
+
+# The rule for every pair: the switch that cannot run in the other's company is turned off and a WARNING says so,
+# naming both, rather than refusing to start: each of these is a supported configuration once the one is off.
+CONFLICTS = (
+    Conflict(
+        yields="compile_precompile",
+        wins="compile_regional",
+        holds=lambda values: not values["compile_regional"],
+        # The whole transformer's forward is wrapped by a diffusers decorator, which a saved function cannot name.
+        reason="only the repeated blocks can be precompiled, so the whole transformer is compiled by Dynamo",
+    ),
+    Conflict(
+        yields="compile_precompile",
+        wins="fp8",
+        holds=lambda values: values["fp8"],
+        reason="fp8 was measured with Dynamo's own compile; its quantized weights have never gone through a "
+        "precompiled function",
+    ),
+)
+
+
+def settle(values: dict[str, Any]) -> dict[str, Any]:
+    """The one place where one switch overrides another; each override is logged."""
+    for conflict in CONFLICTS:
+        if values[conflict.yields] and conflict.holds(values):
+            values[conflict.yields] = False
+            log.warning(
+                "%s turned off because %s is %s: %s (set %s to false to silence this)",
+                conflict.yields,
+                conflict.wins,
+                values[conflict.wins],
+                conflict.reason,
+                conflict.yields,
+            )
+    return values
+
+
+def build(values: Mapping[str, Any]) -> Settings:
+    """The grouped, typed settings from validated values by key."""
+    groups: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for d in declarations().values():
+        if len(d.path) == 1:
+            top[d.path[0]] = values[d.key]
+        else:
+            groups.setdefault(d.path[0], {})[d.path[1]] = values[d.key]
+    hints = get_type_hints(Settings)
+    return Settings(**top, **{name: hints[name](**group) for name, group in groups.items()})
+
+
+def config_metadata(path: Path = CONFIG_PATH) -> dict[str, Any]:
+    """model_metadata of a Truss config file, for code that runs outside the Truss server."""
+    return yaml.safe_load(path.read_text())["model_metadata"]
+
+
+def env_for(**overrides: Any) -> dict[str, str]:
+    """FLUX_* environment variables for the given settings by key; an unknown key or a bad value raises."""
+    declared = declarations()
+    _refuse_unknown("setting", overrides, declared)
+    env = {declared[key].env: _env_value(value) for key, value in overrides.items()}
+    # Parse each as the server will, so a bad value fails where it is written rather than in a child process.
+    problems = []
+    for key, value in overrides.items():
+        adapter = pydantic.TypeAdapter(declared[key].annotation, config=ConfigDict(arbitrary_types_allowed=True))
+        try:
+            adapter.validate_python(env[declared[key].env])
+        except pydantic.ValidationError as exc:
+            problems.append(f"{key}={value!r}: {exc.errors()[0]['msg']}")
+    if problems:
+        raise SettingsError("invalid overrides:\n  " + "\n  ".join(problems))
+    return env
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _markdown_value(value: Any) -> str:
+    if value is MISSING:
+        return "required"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value is None:
+        return "none"
+    if isinstance(value, Path) and value.is_relative_to(Path.home()):
+        return f"`~/{value.relative_to(Path.home()).as_posix()}`"
+    return f"`{value}`"
+
+
+def _choices(annotation: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed setting; () for any other type."""
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def settings_table() -> str:
+    """The README's settings table: one row per declaration."""
+    rows = ["| key | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for d in declarations().values():
+        meaning = d.meaning
+        if choices := _choices(d.annotation):
+            meaning += f" (one of {', '.join(f'`{c}`' for c in choices)})"
+        rows.append(f"| `{d.key}` | `{d.env}` | {_markdown_value(d.default)} | {meaning} |")
+    return "\n".join(rows)

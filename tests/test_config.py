@@ -73,17 +73,6 @@ def test_environment_overrides_metadata() -> None:
     assert settings.text_lengths == (128,)
 
 
-def test_precompile_without_regional_compile_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="compile_precompile needs compile_regional"):
-        Settings.from_sources(environ={"FLUX_COMPILE_PRECOMPILE": "1", "FLUX_COMPILE_REGIONAL": "0"})
-
-
-def test_fp8_compiles_without_precompiled_functions() -> None:
-    assert Settings.from_sources(environ={}).compile.precompile
-    settings = Settings.from_sources(environ={"FLUX_FP8": "1"})
-    assert settings.optimizations.fp8 and not settings.compile.precompile
-
-
 def test_readme_table_lists_the_served_sizes() -> None:
     table = Settings.from_sources(environ={}).resolutions.markdown_table()
     assert table in (ROOT / "README.md").read_text()

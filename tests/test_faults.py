@@ -129,10 +129,33 @@ def test_b10fs_unavailable(tmp_path: Path) -> None:
 
 
 def test_torch_compile_raising_serves_eager(tmp_path: Path) -> None:
-    env = compiled_env(tmp_path, FLUX_COMPILE_MODE="no-such-mode")
+    fault_injection = Path(__file__).resolve().parent / "fault_injection"
+    python_path = os.pathsep.join(filter(None, [str(fault_injection), os.environ.get("PYTHONPATH")]))
+    env = compiled_env(tmp_path, PYTHONPATH=python_path, INJECT_COMPILE_FAILURE="1")
     for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         assert "COMPILE FAILED, serving EAGER" in server.log()
+        assert "injected failure: torch.compile raised" in server.log()
+
+
+def test_an_unknown_compile_mode_stops_the_start_and_names_the_setting(tmp_path: Path) -> None:
+    app = build_app(tmp_path / "build")
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    process = start(app, port, {**compiled_env(tmp_path), "FLUX_COMPILE_MODE": "no-such-mode"}, log_path)
+    expected = "compile_mode='no-such-mode' (from FLUX_COMPILE_MODE)"
+    try:
+        deadline = time.monotonic() + 120
+        while expected not in log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        try:
+            status = requests.get(f"http://127.0.0.1:{port}{READY_PATH}", timeout=5).status_code
+        except requests.ConnectionError:
+            status = None  # a server that exited is not ready either
+        assert status != 200
+    finally:
+        stop(process)
 
 
 def test_missing_weights_directory_never_becomes_ready(tmp_path: Path) -> None:

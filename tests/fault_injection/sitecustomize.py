@@ -1,9 +1,10 @@
-"""Makes a real server's FluxEngine.run fail on chosen words in a prompt, to test health without a GPU.
+"""Injects faults into a real server from outside the product: failing requests, or a failing torch.compile.
 
-Python imports `sitecustomize` at start-up from any directory on PYTHONPATH; the health tests put this one there
+Python imports `sitecustomize` at start-up from any directory on PYTHONPATH; the fault tests put this one there
 for the server they start. It does nothing unless they also set INJECT_DEVICE_ERROR_ON (a prompt containing it
-raises the error an illegal memory access gives) or INJECT_FAILURE_ON (a plain RuntimeError). The product code
-carries no hook: the engine is patched as soon as Truss imports `model.engine`.
+raises the error an illegal memory access gives), INJECT_FAILURE_ON (a plain RuntimeError), or
+INJECT_COMPILE_FAILURE (every torch.compile call raises). The product code carries no hook: the engine is patched
+as soon as Truss imports `model.engine`, and torch.compile as soon as anything imports `model.compile`.
 """
 
 from __future__ import annotations
@@ -37,14 +38,27 @@ def _patch_engine(module: ModuleType, device_error_word: str, failure_word: str)
     engine.run = run
 
 
-class _PatchEngineOnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, device_error_word: str, failure_word: str) -> None:
+def _break_torch_compile() -> None:
+    import torch
+
+    def failing_compile(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected failure: torch.compile raised")
+
+    torch.compile = failing_compile
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, device_error_word: str, failure_word: str, compile_failure: bool) -> None:
         self._words = (device_error_word, failure_word)
+        self._compile_failure = compile_failure
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "model.engine":
+        if fullname == "model.compile" and self._compile_failure:
+            _break_torch_compile()
+            return None
+        if fullname != "model.engine" or not any(self._words):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
@@ -62,5 +76,6 @@ class _PatchEngineOnImport(importlib.abc.MetaPathFinder):
 
 _device_error_word = os.environ.get("INJECT_DEVICE_ERROR_ON", "")
 _failure_word = os.environ.get("INJECT_FAILURE_ON", "")
-if _device_error_word or _failure_word:
-    sys.meta_path.insert(0, _PatchEngineOnImport(_device_error_word, _failure_word))
+_compile_failure = bool(os.environ.get("INJECT_COMPILE_FAILURE"))
+if _device_error_word or _failure_word or _compile_failure:
+    sys.meta_path.insert(0, _PatchOnImport(_device_error_word, _failure_word, _compile_failure))
