@@ -75,8 +75,8 @@ def unread_on_a_hit(inductor_dir: Path, precompiled: bool) -> list[Path]:
     - triton/: with bundle_triton_into_fx_graph_cache (on by default) every compiled entry carries its Triton
       kernels, and a hit writes them back here, so archiving it stores each kernel twice.
     - aotautograd/ and fxgraph/, when every compiled region is precompiled: a hit loads each region's saved
-      function (model.precompile), which carries its own compiled code, and never looks these entries up. On an
-      H200 they were 92 of the 204 MB archived (BENCHMARKS.md).
+      function (model.precompile), which carries its own compiled code, and never looks these entries up: they were
+      close to half of the archive (BENCHMARKS.md).
     """
     names = (["triton"] if triton_kernels_bundled() else []) + (["aotautograd", "fxgraph"] if precompiled else [])
     return [inductor_dir / name for name in names if (inductor_dir / name).is_dir()]

@@ -176,8 +176,8 @@ def _save(cache: CompileCache, inductor_dir: Path, precompiled: bool) -> CacheRe
             saved = _logged("save", cache.save())
     except Exception as exc:
         if saved is None:
-            # Saving with the copies in place would archive every kernel twice (346 MB instead of 100 MB on an
-            # H200, BENCHMARKS.md), which can pass b10-transfer's size limit: skip the save instead.
+            # Saving with the copies in place would archive every kernel twice (BENCHMARKS.md has the sizes), which
+            # can pass b10-transfer's size limit: skip the save instead.
             return _logged("save", CacheResult(Outcome.ERROR, f"could not set aside what a hit never reads: {exc!r}"))
         # Only this process's own copies are at stake: compiled entries carry their kernels, and a hit rewrites them.
         log.warning("compile cache: could not move what was set aside back: %r", exc)

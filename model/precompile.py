@@ -1,7 +1,7 @@
 """Ahead-of-time compiled regions, saved as files in the inductor directory, so a cache hit skips Dynamo.
 
-A restored Inductor cache skips code generation, but Dynamo still traces every graph again on a hit: on an
-H200 that is most of the 26 s a hit adds to load() (BENCHMARKS.md). `torch.compile(...).aot_compile`
+A restored Inductor cache skips code generation, but Dynamo still traces every graph again on a hit, which was
+most of what a hit added to load() (BENCHMARKS.md). `torch.compile(...).aot_compile`
 (experimental in torch) captures a traced and compiled function that can be saved and loaded without
 tracing. Each compiled region (a transformer block kind, or the VAE's decoder) gets one such
 function per input signature; the files live under the inductor directory, so every cache backend archives

@@ -78,10 +78,10 @@ class CompileSettings:
     """torch.compile of the transformer and the VAE decode, and the warm-up (model.compile)."""
 
     enabled: bool = setting("compile", True, meaning="`false` serves eager")
-    # On an H200, max-autotune-no-cudagraphs denoised no faster than "default" and compiled about 4x longer.
+    # "default": max-autotune-no-cudagraphs denoised no faster and compiled far longer (BENCHMARKS.md).
     mode: CompileMode = setting("compile_mode", "default", meaning="the `torch.compile` mode")
-    # Compiling one block of each repeated kind and reusing it for all 57 blocks compiles about 2x faster
-    # than the whole transformer, at the same warm latency (H200).
+    # Compiling one block of each repeated kind and reusing it for all 57 blocks compiles faster than the whole
+    # transformer, at the same warm latency (BENCHMARKS.md).
     regional: bool = setting(
         "compile_regional", True, meaning="compile one block of each repeated kind instead of the whole transformer"
     )
@@ -92,7 +92,7 @@ class CompileSettings:
     )
     # Up to two runs per shape: the first compiles, the second proves no guard fails on reuse. A shape whose
     # first run compiled nothing new (a cache hit) runs once: its code already passed that check when it was
-    # compiled, and on an H200 the second runs were about 2 s of a hit's load().
+    # compiled, and second runs were a measurable part of a hit's load() (BENCHMARKS.md).
     warmup_runs: int = setting(
         "warmup_runs", 2, meaning="most warm-up runs per served shape; a shape that compiled nothing new runs once"
     )
@@ -104,7 +104,7 @@ class CompileSettings:
         meaning="give the first single block the later blocks' input layout: a graph fewer per size",
     )
     # Compile ahead of time and save each compiled region as a file (model.precompile): a cache hit then
-    # loads functions instead of tracing every graph with Dynamo again, which halved the H200's hit.
+    # loads functions instead of tracing every graph with Dynamo again (BENCHMARKS.md has the hit's figures).
     precompile: bool = setting(
         "compile_precompile",
         True,
