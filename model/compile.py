@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,7 +62,7 @@ def _wrap(
 ) -> None:
     """Route the transformer (its repeated blocks, or all of it) and the VAE decode through compiled functions."""
     if settings.precompile:
-        _precompile(pipe, settings, artifacts.precompiled_dir)
+        _precompile(pipe, settings, artifacts)
     else:
         options = {"mode": settings.mode, "dynamic": settings.dynamic, "fullgraph": True}
         if settings.regional:
@@ -78,10 +77,8 @@ def _wrap(
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
 
 
-def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) -> None:
+def _precompile(pipe: FluxPipeline, settings: CompileSettings, artifacts: CompileArtifacts) -> None:
     """Route the repeated blocks, and the VAE's decoder, through functions compiled ahead of time."""
-    # `directory` is per fingerprint: a function saved for other switches (fp8, fused QKV) would run its own graph
-    # unchecked, since its guards on the modules are not saved.
     transformer = pipe.transformer
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
     transformer.requires_grad_(False)
@@ -91,7 +88,7 @@ def _precompile(pipe: FluxPipeline, settings: CompileSettings, directory: Path) 
     if settings.compile_vae:
         # vae.decode itself is wrapped by a diffusers decorator, which cannot be saved; its decoder module can.
         modules.append(pipe.vae.decoder)
-    precompile.precompile_modules(modules, directory, settings.mode, settings.dynamic)
+    precompile.precompile_modules(modules, artifacts, settings.mode, settings.dynamic)
 
 
 def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:

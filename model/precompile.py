@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from model.artifacts import CompileArtifacts
 from model.compat import aot_compile_enabled, inductor_mode_options, set_compiled_call
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,15 @@ class PrecompiledRegion:
         return compiled
 
 
-def precompile_modules(modules: list[torch.nn.Module], directory: Path, mode: str, dynamic: bool) -> None:
+def precompile_modules(modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str, dynamic: bool) -> None:
     """Route calls of `modules` through one PrecompiledRegion of their forward per class, as nn.Module.compile does."""
     regions: dict[type, PrecompiledRegion] = {}
     for module in modules:
         kind = type(module)
         if kind not in regions:
-            regions[kind] = PrecompiledRegion(f"{kind.__name__}.forward", kind.forward, directory, mode, dynamic)
+            regions[kind] = PrecompiledRegion(
+                f"{kind.__name__}.forward", kind.forward, artifacts.precompiled_dir, mode, dynamic
+            )
         set_compiled_call(module, _bound(regions[kind], module))
 
 

@@ -19,6 +19,8 @@ from model.settings import Settings
 
 pytestmark = pytest.mark.slow
 
+KEY = "gates"
+
 
 class Gate(torch.nn.Module):
     """A stand-in block: a weight, a tensor input and a plain flag that changes the computation."""
@@ -40,7 +42,7 @@ def eager(module: Gate, x: torch.Tensor, double: bool) -> torch.Tensor:
 @pytest.fixture
 def gates(tmp_path: Path) -> list[Gate]:
     modules = [Gate(seed).requires_grad_(False) for seed in (1, 2)]
-    precompile_modules(modules, tmp_path, mode="default", dynamic=False)
+    precompile_modules(modules, CompileArtifacts(tmp_path, KEY), mode="default", dynamic=False)
     return modules
 
 
@@ -55,14 +57,14 @@ def test_one_function_per_signature_serves_every_module_of_the_class(gates: list
     for module in gates:
         torch.testing.assert_close(module(x, double=False), eager(module, x, False))
     assert counters()["compiled"] - before["compiled"] == 1, "the second module's weights are inputs, not constants"
-    assert len(list(tmp_path.glob("Gate.forward-*.bin"))) == 1
+    assert len(list(CompileArtifacts(tmp_path, KEY).precompiled_dir.glob("Gate.forward-*.bin"))) == 1
 
     # A plain argument and a new shape are new signatures, each with its own function.
     torch.testing.assert_close(gates[0](x, double=True), eager(gates[0], x, True))
     wide = torch.randn(6, 8)
     torch.testing.assert_close(gates[1](wide, double=False), eager(gates[1], wide, False))
     assert counters()["compiled"] - before["compiled"] == 3
-    assert len(list(tmp_path.glob("Gate.forward-*.bin"))) == 3
+    assert len(list(CompileArtifacts(tmp_path, KEY).precompiled_dir.glob("Gate.forward-*.bin"))) == 3
 
 
 @torch.inference_mode()
@@ -72,7 +74,7 @@ def test_a_fresh_process_loads_instead_of_compiling(gates: list[Gate], tmp_path:
     torch._dynamo.reset()  # nothing traced survives, as in a new process
 
     restarted = Gate(1).requires_grad_(False)
-    precompile_modules([restarted], tmp_path, mode="default", dynamic=False)
+    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", dynamic=False)
     before = counters()
     torch.testing.assert_close(restarted(x, double=False), expected)
     assert counters()["loaded"] - before["loaded"] == 1
@@ -83,11 +85,11 @@ def test_a_fresh_process_loads_instead_of_compiling(gates: list[Gate], tmp_path:
 def test_a_damaged_file_is_compiled_again(gates: list[Gate], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     x = torch.randn(4, 8)
     gates[0](x, double=False)
-    (saved,) = tmp_path.glob("Gate.forward-*.bin")
+    (saved,) = CompileArtifacts(tmp_path, KEY).precompiled_dir.glob("Gate.forward-*.bin")
     saved.write_bytes(b"not a compiled function")
 
     restarted = Gate(1).requires_grad_(False)
-    precompile_modules([restarted], tmp_path, mode="default", dynamic=False)
+    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", dynamic=False)
     before = counters()
     torch.testing.assert_close(restarted(x, double=False), eager(restarted, x, False))
     assert counters()["compiled"] - before["compiled"] == 1
