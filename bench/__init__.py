@@ -30,7 +30,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no_shared_layout": {"compile_shared_block_layout": False},
     "precompile": {"compile_precompile": True},
     "no_precompile": {"compile_precompile": False},
-    "fp8": {"fp8": True},
+    "fp8": {"precision": "fp8"},
+    "int8": {"precision": "int8"},
 }
 
 

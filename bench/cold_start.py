@@ -137,8 +137,10 @@ def _forget_b10_archives(settings) -> None:
 
     from model.artifacts import CompileArtifacts
     from model.cache import B10TransferCache
+    from model.precision import gpu_facts
 
-    shutil.rmtree(B10TransferCache(CompileArtifacts.here(settings.fingerprint_facts())).directory, ignore_errors=True)
+    facts = settings.resolved(gpu_facts()).fingerprint_facts()
+    shutil.rmtree(B10TransferCache(CompileArtifacts.here(facts)).directory, ignore_errors=True)
 
 
 def b10_transfer_env(workdir: Path) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The transformer as a sequence of parts that can reach the GPU one at a time.
 
-Loaders that must never hold the whole bf16 transformer on the GPU (the fp8 opt-in: 22 GiB of bf16
+Loaders that must never hold the whole bf16 transformer on the GPU (a quantized precision: 22 GiB of bf16
 weights would set the peak it is meant to lower) move or create it part by part and hand each part
 to a `BlockHook` as soon as it is there.
 """

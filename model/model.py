@@ -21,6 +21,7 @@ from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
 from model.optimize import block_hook, optimize
 from model.pipeline import load_pipeline
+from model.precision import gpu_facts
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
 
@@ -46,9 +47,9 @@ class Model:
             log.info("already loaded")
             return
         _log_gpu()
-        settings = self._settings
-        # The key names the GPU, which initialises CUDA here, before the restore's thread starts: b10-transfer sets
+        # Reading the GPU's facts initialises CUDA here, before the restore's thread starts: b10-transfer sets
         # environment variables while it runs, which must not race CUDA's own reads of them.
+        settings = self._settings.resolved(gpu_facts())
         artifacts = CompileArtifacts.here(settings.fingerprint_facts())
         cache = choose_backend(settings.cache.backend, artifacts, settings.cache.local_dir)
         # A retry after the weights failed joins the restore the failed attempt started, rather than racing it.

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
     """Apply every enabled switch to the loaded `pipe` in place.
 
-    fp8 is the exception: it is applied while the weights load, through `block_hook`.
+    A quantized precision is the exception: it is applied while the weights load, through `block_hook`.
     """
     if opts.fuse_qkv:
         pipe.transformer.fuse_qkv_projections()
@@ -34,16 +34,24 @@ def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
 
 def block_hook(opts: Optimizations) -> BlockHook | None:
     """What each transformer part goes through as it reaches the GPU (see model.blocks); None when nothing."""
-    if not opts.fp8:
+    if opts.precision not in ("fp8", "int8"):
         return None
-    # Imported lazily: torchao is only needed by the fp8 opt-in.
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    # Imported lazily: torchao is only needed by the quantized precisions.
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
 
     # set_inductor_config=False: torchao's recommended settings turn on coordinate-descent tuning for the whole
     # process, which autotuned every Triton kernel on its first run and kept an fp8 load() compiling for minutes.
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    if opts.precision == "fp8":
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    else:
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
 
-    def quantize_fp8(part: torch.nn.Module) -> None:
+    def quantize(part: torch.nn.Module) -> None:
         quantize_(part, config)
 
-    return quantize_fp8
+    return quantize

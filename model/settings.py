@@ -19,6 +19,7 @@ import pydantic
 import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict
 
+from model.precision import GpuFacts, PrecisionSetting, choose_precision
 from model.resolutions import ResolutionRegistry
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class CompileSettings:
         "compile_precompile",
         True,
         meaning="compile ahead of time and save the compiled functions with the cache, so a hit skips Dynamo's "
-        "tracing (an experimental torch API); turned off, with a warning, without `compile_regional` or with `fp8`",
+        "tracing (an experimental torch API); turned off, with a warning, without `compile_regional` or with a "
+        "quantized `precision`",
     )
 
 
@@ -130,12 +132,23 @@ class Optimizations:
     attention_backend: OptionalName = setting(
         "attention_backend", None, meaning="diffusers' attention backend, e.g. `_native_cudnn`; empty keeps SDPA's"
     )
-    # float8 dynamic row-wise activations and weights for the transformer's linears (torchao): half the
-    # weight bytes and twice the tensor-core rate on Hopper, at a small numerical cost (see BENCHMARKS.md).
-    fp8: bool = setting("fp8", False, meaning="float8 weights and activations for the transformer's linears (torchao)")
+    # The transformer's linears: bf16; fp8 (torchao dynamic row-wise float8 activations and weights: half the weight
+    # bytes and twice the tensor-core rate on Hopper, at a small numerical cost, BENCHMARKS.md); or int8 weights
+    # (torchao weight-only) for cards with too little memory for bf16 and no float8 tensor cores.
+    precision: PrecisionSetting = setting(
+        "precision",
+        "auto",
+        meaning="the transformer's precision; `auto` picks by the GPU load() finds (model/precision.py, README's "
+        "GPU table)",
+    )
 
     def enabled(self) -> list[str]:
-        return [name for name, value in vars(self).items() if value]
+        """The switches that change the model: every one that is on, and a precision other than bf16."""
+        return [
+            f"{name}={value}" if name == "precision" else name
+            for name, value in vars(self).items()
+            if value and value not in ("auto", "bf16")
+        ]
 
 
 @dataclass(frozen=True)
@@ -189,8 +202,18 @@ class Settings:
         env = os.environ if environ is None else environ
         return build(validate(read_sources(meta, env)))
 
+    def resolved(self, gpu: GpuFacts | None) -> Settings:
+        """These settings with `precision: auto` decided for `gpu`, and any conflict that brings settled and logged."""
+        chosen, reason = choose_precision(self.optimizations.precision, gpu)
+        log.info("precision %s: %s", chosen, reason)
+        values = {d.key: functools.reduce(getattr, d.path, self) for d in declarations().values()}
+        return build(settle({**values, "precision": chosen}))
+
     def fingerprint_facts(self) -> dict[str, Any]:
-        """What shapes the compiled artifacts, for the cache key."""
+        """What shapes the compiled artifacts, for the cache key: of settings `resolved` for a GPU."""
+        if self.optimizations.precision == "auto":
+            # "auto" names no precision: a key made of it would match no server's.
+            raise ValueError("the cache key needs a decided precision: use settings.resolved(gpu_facts()) first")
         return {
             "model": self.repo_id if self.model_source == "hf" else self.model_source,
             "compile": {k: v for k, v in vars(self.compile).items() if k != "warmup_runs"},
@@ -321,9 +344,9 @@ CONFLICTS = (
     ),
     Conflict(
         yields="compile_precompile",
-        wins="fp8",
-        holds=lambda values: values["fp8"],
-        reason="fp8 was measured with Dynamo's own compile; its quantized weights have never gone through a "
+        wins="precision",
+        holds=lambda values: values["precision"] in ("fp8", "int8"),
+        reason="quantized weights were measured with Dynamo's own compile and have never gone through a "
         "precompiled function",
     ),
 )

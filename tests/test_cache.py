@@ -124,7 +124,7 @@ def test_fingerprints_do_not_share_archives(tmp_path: Path, inductor: Path) -> N
 
 
 def test_fingerprint_tracks_what_shapes_the_artifacts() -> None:
-    base = Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"})
+    base = Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"}).resolved(None)
     key = fingerprint(base.fingerprint_facts())
     assert key == fingerprint(base.fingerprint_facts())
     changed = [
@@ -132,7 +132,7 @@ def test_fingerprint_tracks_what_shapes_the_artifacts() -> None:
         replace(base, compile=replace(base.compile, regional=False, precompile=False)),
         replace(base, text_lengths=(256,)),
         replace(base, model_source="full-random"),
-        Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny", "FLUX_RESOLUTIONS": "1024x1024"}),
+        Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny", "FLUX_RESOLUTIONS": "1024x1024"}).resolved(None),
     ]
     assert len({key, *(fingerprint(s.fingerprint_facts()) for s in changed)}) == len(changed) + 1
     # Warm-up repetitions do not change what is compiled.

@@ -17,6 +17,7 @@ import requests
 
 from model.artifacts import fingerprint
 from model.cache import ARCHIVE_NAME
+from model.precision import gpu_facts
 from model.random_flux import build_random_pipeline
 from model.settings import Settings
 from tests.conftest import RunningServer, decode_jpeg, start_server
@@ -49,7 +50,8 @@ def compiled_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def archive_path(env: dict[str, str]) -> Path:
     """Where the server will look for its archive: the same fingerprint the server computes."""
     settings = Settings.from_sources(environ=env)
-    return Path(env["FLUX_CACHE_DIR"]) / fingerprint(settings.fingerprint_facts()) / ARCHIVE_NAME
+    facts = settings.resolved(gpu_facts()).fingerprint_facts()
+    return Path(env["FLUX_CACHE_DIR"]) / fingerprint(facts) / ARCHIVE_NAME
 
 
 def assert_serves(server: RunningServer) -> None:

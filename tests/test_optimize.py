@@ -44,10 +44,11 @@ def test_no_switch_is_on_by_default_on_the_cpu() -> None:
     assert Optimizations().enabled() == []
 
 
-def test_fp8_leaves_inductor_settings_alone() -> None:
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantizing_leaves_inductor_settings_alone(precision: str) -> None:
     from torch._inductor import config
 
-    quantize = block_hook(Optimizations(fp8=True))
+    quantize = block_hook(Optimizations(precision=precision))
     assert quantize is not None
     with config.patch(coordinate_descent_tuning=False, coordinate_descent_check_all_directions=False):
         try:

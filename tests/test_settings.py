@@ -37,7 +37,7 @@ def test_importing_the_settings_imports_no_torch() -> None:
 
 def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
     # A change here changes every deployment's cache key: each replica would start with a miss.
-    assert Settings.from_sources(environ={}).fingerprint_facts() == {
+    assert Settings.from_sources(environ={}).resolved(None).fingerprint_facts() == {
         "model": "black-forest-labs/FLUX.1-schnell",
         "compile": {
             "enabled": True,
@@ -48,7 +48,13 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "shared_block_layout": True,
             "precompile": True,
         },
-        "optimizations": {"fuse_qkv": False, "vae_channels_last": False, "attention_backend": None, "fp8": False},
+        # `precision` replaced the `fp8` switch (False here), which changed the key once; `auto` is decided first.
+        "optimizations": {
+            "fuse_qkv": False,
+            "vae_channels_last": False,
+            "attention_backend": None,
+            "precision": "bf16",
+        },
         "resolutions": ["1024x1024", "1216x832", "896x1152"],
         "text_lengths": [256, 512],
     }
@@ -108,7 +114,11 @@ def test_an_unknown_flux_variable_warns(caplog: pytest.LogCaptureFixture) -> Non
 
 @pytest.mark.parametrize(
     ("environ", "winner"),
-    [({"FLUX_FP8": "1"}, "fp8 is True"), ({"FLUX_COMPILE_REGIONAL": "0"}, "compile_regional is False")],
+    [
+        ({"FLUX_PRECISION": "fp8"}, "precision is fp8"),
+        ({"FLUX_PRECISION": "int8"}, "precision is int8"),
+        ({"FLUX_COMPILE_REGIONAL": "0"}, "compile_regional is False"),
+    ],
 )
 def test_a_conflict_turns_precompile_off_with_a_warning_naming_both(
     environ: dict, winner: str, caplog: pytest.LogCaptureFixture
@@ -122,14 +132,15 @@ def test_a_conflict_turns_precompile_off_with_a_warning_naming_both(
 
 
 def test_the_rest_of_a_conflicting_configuration_is_kept() -> None:
-    settings = Settings.from_sources(environ={"FLUX_FP8": "1", "FLUX_COMPILE_REGIONAL": "0"})
-    assert settings.optimizations.fp8 and not settings.compile.regional and not settings.compile.precompile
+    settings = Settings.from_sources(environ={"FLUX_PRECISION": "fp8", "FLUX_COMPILE_REGIONAL": "0"})
+    assert settings.optimizations.precision == "fp8"
+    assert not settings.compile.regional and not settings.compile.precompile
 
 
 def test_no_conflict_no_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="model.settings"):
         Settings.from_sources(environ={})
-        Settings.from_sources(environ={"FLUX_FP8": "1", "FLUX_COMPILE_PRECOMPILE": "0"})
+        Settings.from_sources(environ={"FLUX_PRECISION": "fp8", "FLUX_COMPILE_PRECOMPILE": "0"})
         Settings.from_sources(environ=config_env("whole"))
     assert not [r for r in caplog.records if r.name == "model.settings"]
 
@@ -169,7 +180,11 @@ def test_every_bench_configuration_is_a_valid_set_of_settings(name: str) -> None
 def test_bench_configurations_keep_their_environment() -> None:
     assert config_env("eager") == {"FLUX_COMPILE": "0"}
     assert config_env("sdpa") == {"FLUX_ATTENTION_BACKEND": ""}
-    assert config_env("whole+fp8") == {"FLUX_COMPILE_REGIONAL": "0", "FLUX_COMPILE_PRECOMPILE": "0", "FLUX_FP8": "1"}
+    assert config_env("whole+fp8") == {
+        "FLUX_COMPILE_REGIONAL": "0",
+        "FLUX_COMPILE_PRECOMPILE": "0",
+        "FLUX_PRECISION": "fp8",
+    }
     assert Settings.from_sources(environ=config_env("sdpa")).optimizations.attention_backend is None
 
 

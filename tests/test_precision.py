@@ -1,0 +1,84 @@
+"""The `precision` setting: its `auto` rule for every GPU Baseten offers, and each precision serving."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from bench import NO_BODY
+from model.model import Model
+from model.precision import GpuFacts, choose_precision
+from model.schema import GenerateRequest
+from model.settings import Settings, SettingsError, config_metadata
+from tests.conftest import TINY_EAGER, decode_jpeg
+
+# What torch.cuda.get_device_properties reports for each card (total memory in GiB, compute capability).
+CARDS = {
+    "L4": (GpuFacts("NVIDIA L4", 22.0, (8, 9)), "fp8"),
+    "A10G": (GpuFacts("NVIDIA A10G", 22.0, (8, 6)), "int8"),
+    "H100_40GB": (GpuFacts("NVIDIA H100 MIG 3g.40gb", 39.5, (9, 0)), "bf16"),
+    "H100": (GpuFacts("NVIDIA H100 80GB HBM3", 79.1, (9, 0)), "bf16"),
+    "H200": (GpuFacts("NVIDIA H200", 139.8, (9, 0)), "bf16"),
+    "B200": (GpuFacts("NVIDIA B200", 178.4, (10, 0)), "bf16"),
+}
+
+
+@pytest.mark.parametrize("card", CARDS)
+def test_auto_picks_by_the_cards_memory_and_compute_capability(card: str) -> None:
+    facts, expected = CARDS[card]
+    chosen, reason = choose_precision("auto", facts)
+    assert chosen == expected
+    assert f"{facts.memory_gib:.1f} GiB" in reason, "the reason names the fact it rests on"
+
+
+def test_auto_without_a_gpu_is_bf16() -> None:
+    assert choose_precision("auto", None)[0] == "bf16"
+
+
+def test_a_card_smaller_than_any_measured_one_gets_int8_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.precision"):
+        assert choose_precision("auto", GpuFacts("Tesla T4", 14.6, (7, 5)))[0] == "int8"
+    assert "less than any card this package was measured on" in caplog.text
+
+
+@pytest.mark.parametrize("explicit", ["bf16", "fp8", "int8"])
+def test_an_explicit_precision_is_kept(explicit: str) -> None:
+    assert choose_precision(explicit, CARDS["A10G"][0]) == (explicit, "set explicitly")
+
+
+def test_explicit_bf16_on_a_small_card_warns_with_the_expected_peak(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.precision"):
+        choose_precision("bf16", CARDS["L4"][0])
+    assert "33.8 GiB" in caplog.text and "22.0 GiB" in caplog.text
+
+
+def test_an_unknown_precision_lists_the_valid_ones() -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_sources(environ={"FLUX_PRECISION": "fp4"})
+    for valid in ("'auto'", "'bf16'", "'fp8'", "'int8'"):
+        assert valid in str(raised.value)
+
+
+def test_resolving_auto_changes_the_cache_key_and_settles_precompile(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings.from_sources(environ={})
+    on_h100 = settings.resolved(CARDS["H100"][0])
+    with caplog.at_level(logging.INFO):
+        on_l4 = settings.resolved(CARDS["L4"][0])
+    assert (on_h100.optimizations.precision, on_l4.optimizations.precision) == ("bf16", "fp8")
+    assert on_h100.compile.precompile and not on_l4.compile.precompile, "precompile was measured for bf16 only"
+    assert on_h100.fingerprint_facts() != on_l4.fingerprint_facts()
+    assert "precision fp8:" in caplog.text and "compile_precompile turned off" in caplog.text
+
+
+def test_int8_serves_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {**TINY_EAGER, "FLUX_PRECISION": "int8"}.items():
+        monkeypatch.setenv(key, value)
+    model = Model(config={"model_metadata": config_metadata()})
+    model.load()
+    linear = model._engine.pipe.transformer.transformer_blocks[0].attn.to_q
+    assert type(linear.weight).__name__ == "Int8Tensor", "the transformer's linears hold int8 weights"
+    request = GenerateRequest(prompt="a lighthouse", width=1216, height=832, seed=4)
+    image = np.asarray(decode_jpeg(model.predict(request, NO_BODY).data), dtype=np.float32)
+    assert image.shape == (832, 1216, 3) and image.std() > 1, "a real image, not a flat one"
