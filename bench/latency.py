@@ -1,6 +1,7 @@
 """Warm latency of Model.predict per configuration, against eager in the same run.
 
     python -m bench.latency --configs eager,default,cudnn --resolutions 1024x1024 --runs 10
+    python -m bench.latency --configs eager,eager+fp8,fp8 --memory-cap 22   # as an L4 leaves it; eager uncapped
 
 Builds the model through the project's own loader (FLUX_MODEL_SOURCE, default full-random: the
 full-size architecture with random bf16 weights on the GPU). Every configuration runs in a fresh
@@ -74,7 +75,14 @@ def kernel_breakdown(run: Callable[[], object], top: int = 12) -> dict:
     }
 
 
-def child(name: str, workdir: Path, resolutions: list[str], runs: int, profile_kernels: bool = False) -> dict:
+def child(
+    name: str,
+    workdir: Path,
+    resolutions: list[str],
+    runs: int,
+    profile_kernels: bool = False,
+    memory_cap_gib: float | None = None,
+) -> dict:
     import numpy as np
     import torch
 
@@ -86,6 +94,12 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int, profile_k
     from model.settings import config_metadata
 
     cuda = torch.cuda.is_available()
+    if memory_cap_gib is not None:
+        if not cuda:
+            raise SystemExit("--memory-cap needs a CUDA GPU")
+        # What a smaller card leaves this process: the caching allocator refuses to reserve beyond the fraction.
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -138,6 +152,9 @@ def child(name: str, workdir: Path, resolutions: list[str], runs: int, profile_k
         torch.cuda.set_sync_debug_mode(0)
         result["host_syncs_per_image"] = sum("synchronizing" in str(w.message) for w in caught)
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        if memory_cap_gib is not None:
+            result["memory_cap_gib"] = memory_cap_gib
     reference = workdir / "eager.npy"
     if name == "eager":
         np.save(reference, pixels)
@@ -158,13 +175,24 @@ def main() -> None:
     parser.add_argument("--model", default="full-random")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--profile", action="store_true", help="add GPU time per kind of kernel for one request")
+    parser.add_argument(
+        "--memory-cap",
+        type=float,
+        metavar="GIB",
+        help="cap this GPU's memory to what a smaller card leaves (an L4 or A10G: 22; an H100_40GB: 38), for every "
+        "configuration but the bf16 `eager` reference; the cap does not change what `precision: auto` sees, so name "
+        "the precision in --configs (fp8, int8)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     resolutions = args.resolutions.split(",")
 
     if args.child:
         log_to_stderr()
-        print(json.dumps(child(args.child, args.workdir, resolutions, args.runs, args.profile)), flush=True)
+        print(
+            json.dumps(child(args.child, args.workdir, resolutions, args.runs, args.profile, args.memory_cap)),
+            flush=True,
+        )
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="latency-"))
@@ -192,6 +220,8 @@ def main() -> None:
             "--runs",
             str(args.runs),
             *(["--profile"] if args.profile else []),
+            # The bf16 eager reference runs uncapped: every capped configuration gets its PSNR against bf16.
+            *(["--memory-cap", str(args.memory_cap)] if args.memory_cap is not None and name != "eager" else []),
         ]
         # The child's logs stream to stderr as they happen: a run cut short still shows how far it got.
         done = subprocess.run(
