@@ -33,9 +33,7 @@ from pathlib import Path
 
 from bench import config_env, log_to_stderr
 
-STATES = ("eager", "miss", "hit")
 BACKENDS = ("local", "b10-transfer")
-B10FS_ROOT = Path("/cache/model")
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 MEGA_STATES = ("mega-miss", "mega-hit")
 
@@ -143,10 +141,9 @@ def _forget_b10_archives(settings) -> None:
     shutil.rmtree(B10TransferCache(CompileArtifacts.here(facts)).directory, ignore_errors=True)
 
 
-def b10_transfer_env(workdir: Path) -> dict[str, str]:
-    """b10-transfer against b10fs's own path on this machine, with its space floors lowered."""
-    scratch = B10FS_ROOT / f"bench-{uuid.uuid4().hex[:8]}"  # its scratch must sit under /app, /tmp or /cache
-    scratch.mkdir(parents=True, exist_ok=True)
+def b10_transfer_env(scratch: Path) -> dict[str, str]:
+    """b10-transfer on, with `scratch` (it must sit under /app, /tmp or /cache) as its work directory and its
+    free-space floors lowered: its defaults ask for about 100 GB free on b10fs and 4 GB locally."""
     return {
         "BASETEN_FS_ENABLED": "1",
         "LOCAL_WORK_DIR": str(scratch),
@@ -154,6 +151,14 @@ def b10_transfer_env(workdir: Path) -> dict[str, str]:
         "MAX_CONCURRENT_SAVES": "1",
         "MIN_LOCAL_SPACE_MB": "1",
     }
+
+
+def _b10_scratch() -> Path:
+    from model.cache import B10FS_ROOT
+
+    scratch = B10FS_ROOT / f"bench-{uuid.uuid4().hex[:8]}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch
 
 
 def run_state(state: str, workdir: Path, env: dict[str, str], backend: str = "local") -> dict:
@@ -233,7 +238,7 @@ def main() -> None:
         baseline["eager"] = run_state("eager", workdir, env)
         print(json.dumps(baseline["eager"]), flush=True)
     for backend in backends:
-        backend_env = {**env, **(b10_transfer_env(workdir) if backend == "b10-transfer" else {})}
+        backend_env = {**env, **(b10_transfer_env(_b10_scratch()) if backend == "b10-transfer" else {})}
         results = dict(baseline)
         for state in ("miss", "hit") + (MEGA_STATES if args.mega and backend == "local" else ()):
             results[state] = run_state(state, workdir, backend_env, backend)

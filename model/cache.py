@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 import importlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -228,18 +227,23 @@ class B10TransferCache:
     def generation_dir(self, generation: int) -> Path:
         return self.directory / f"{GENERATION_PREFIX}{generation}"
 
-    def stored_generations(self) -> list[int]:
-        """Generations holding a complete archive, newest first (b10-transfer renames an archive into place last)."""
+    def _generation_dirs(self) -> dict[int, Path]:
+        """Every generation's directory by its number, whether or not it holds an archive yet."""
         try:
             entries = list(self.directory.iterdir())
         except OSError:
-            return []
-        generations = []
-        for entry in entries:
-            number = entry.name.removeprefix(GENERATION_PREFIX)
-            if entry.name.startswith(GENERATION_PREFIX) and number.isdigit() and _b10_archive(entry) is not None:
-                generations.append(int(number))
-        return sorted(generations, reverse=True)
+            return {}
+        numbers = {entry: entry.name.removeprefix(GENERATION_PREFIX) for entry in entries}
+        return {
+            int(number): entry
+            for entry, number in numbers.items()
+            if entry.name.startswith(GENERATION_PREFIX) and number.isdigit()
+        }
+
+    def stored_generations(self) -> list[int]:
+        """Generations holding a complete archive, newest first (b10-transfer renames an archive into place last)."""
+        stored = [number for number, path in self._generation_dirs().items() if _b10_archive(path) is not None]
+        return sorted(stored, reverse=True)
 
     def _call(
         self,
@@ -294,10 +298,9 @@ class B10TransferCache:
         return result
 
     def _drop_generations_before(self, oldest_kept: int) -> None:
-        for entry in self.directory.glob(f"{GENERATION_PREFIX}*"):
-            number = entry.name.removeprefix(GENERATION_PREFIX)
-            if number.isdigit() and int(number) < oldest_kept:
-                shutil.rmtree(entry, ignore_errors=True)
+        for number, path in self._generation_dirs().items():
+            if number < oldest_kept:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _b10_archive(directory: Path) -> Path | None:

@@ -25,9 +25,10 @@ from model.cache import (
     set_aside_what_a_hit_never_reads,
 )
 from model.compat import compile_counts
-from model.compile import CompileSettings, compile_pipeline
+from model.compile import compile_pipeline
 from model.engine import FluxEngine, Job
 from model.resolutions import Resolution
+from model.settings import CompileSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ a long prompt at WARNING: user text would reach the logs. Only token counts are 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from diffusers import FluxPipeline
@@ -22,9 +23,7 @@ def t5_token_ids(pipe: FluxPipeline, text: str, max_tokens: int, padded_length: 
     """Token ids truncated at `max_tokens` (end-of-sequence included), padded to `padded_length`."""
     tokenizer = pipe.tokenizer_2
     ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
-    full_length = len(tokenizer(text, truncation=False)["input_ids"])
-    if full_length > len(ids):
-        log.info("prompt truncated from %d to %d T5 tokens", full_length, len(ids))
+    _log_truncation(tokenizer, text, len(ids), "T5")
     ids = ids + [tokenizer.pad_token_id] * (padded_length - len(ids))
     return torch.tensor([ids])
 
@@ -34,10 +33,15 @@ def clip_token_ids(pipe: FluxPipeline, text: str) -> torch.Tensor:
     tokenizer = pipe.tokenizer
     length = pipe.tokenizer_max_length
     ids = tokenizer(text, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    full_length = len(tokenizer(text, truncation=False)["input_ids"])
-    if full_length > length:
-        log.info("prompt truncated from %d to %d CLIP tokens", full_length, length)
+    _log_truncation(tokenizer, text, length, "CLIP")
     return ids
+
+
+def _log_truncation(tokenizer: Any, text: str, kept: int, encoder: str) -> None:
+    """Log how many tokens a prompt lost, never the text itself: prompts are user data."""
+    full_length = len(tokenizer(text, truncation=False)["input_ids"])
+    if full_length > kept:
+        log.info("prompt truncated from %d to %d %s tokens", full_length, kept, encoder)
 
 
 @torch.inference_mode()

@@ -134,18 +134,17 @@ def b10fs(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The real b10-transfer against a fresh directory under /cache/model, as Baseten mounts b10fs there."""
     if os.geteuid() != 0:
         pytest.skip("b10-transfer's paths live under /cache/model, which needs root to create")
+    from bench.cold_start import b10_transfer_env
+
     root = Path("/cache/model") / f"test-{uuid.uuid4().hex[:12]}"
     root.mkdir(parents=True)
     work = root / "work"  # its archives must be written under /app or /cache
     work.mkdir()
     inductor = Path("/tmp") / f"b10-inductor-{uuid.uuid4().hex[:12]}"
-    monkeypatch.setenv("BASETEN_FS_ENABLED", "1")
-    monkeypatch.setenv("LOCAL_WORK_DIR", str(work))
+    # The same environment the cold-start benchmark gives it: on, this work directory, space floors lowered.
+    for name, value in b10_transfer_env(work).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor))
-    # Its default floors ask for ~100 GB free on b10fs and 4 GB locally.
-    monkeypatch.setenv("MIN_B10FS_SPACE_MB", "1")
-    monkeypatch.setenv("MAX_CONCURRENT_SAVES", "1")
-    monkeypatch.setenv("MIN_LOCAL_SPACE_MB", "1")
     try:
         yield types.SimpleNamespace(root=root, inductor=inductor)
     finally:

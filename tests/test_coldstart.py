@@ -21,12 +21,12 @@ from model.artifacts import CompileArtifacts
 from model.cache import B10TransferCache, CacheResult, NoCache, Outcome
 from model.coldstart import CompileCounters, WarmupReport
 from model.compat import compiled_call, set_compiled_call
-from model.compile import CompileSettings, compile_pipeline
+from model.compile import compile_pipeline
 from model.engine import FluxEngine
 from model.model import Model
 from model.pipeline import load_pipeline
 from model.schema import GenerateRequest
-from model.settings import Settings, config_metadata
+from model.settings import CompileSettings, Settings, config_metadata
 from tests.conftest import TINY_EAGER
 from tests.test_cache import fake_module
 
@@ -145,18 +145,22 @@ def test_load_is_idempotent(monkeypatch: pytest.MonkeyPatch) -> None:
     assert model._engine is engine
 
 
-def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _tiny_model(monkeypatch)
-    real = load_pipeline
+def _weights_fail_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load_pipeline call in load() fails, as an unmounted weights volume would; later ones load."""
     attempts = []
 
     def flaky(*args, **kwargs):
         attempts.append(1)
         if len(attempts) == 1:
             raise OSError("weights volume not mounted yet")
-        return real(*args, **kwargs)
+        return load_pipeline(*args, **kwargs)
 
     monkeypatch.setattr("model.model.load_pipeline", flaky)
+
+
+def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_model(monkeypatch)
+    _weights_fail_once(monkeypatch)
     with pytest.raises(OSError):
         model.load()
     with pytest.raises(RuntimeError, match="before load"):
@@ -347,15 +351,7 @@ def test_a_retried_load_joins_the_restore_the_failed_attempt_started(monkeypatch
 
     cache = CountingCache()
     model = _compiled_tiny_model(monkeypatch, cache)
-    real_load_pipeline, attempts = load_pipeline, []
-
-    def flaky(*args, **kwargs):
-        attempts.append(1)
-        if len(attempts) == 1:
-            raise OSError("weights volume not mounted yet")
-        return real_load_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr("model.model.load_pipeline", flaky)
+    _weights_fail_once(monkeypatch)
     with pytest.raises(OSError):
         model.load()
     model.load()

@@ -9,13 +9,13 @@ import torch
 
 from model import precompile
 from model.artifacts import CompileArtifacts
-from model.compile import CompileSettings, compile_pipeline
+from model.compile import compile_pipeline
 from model.engine import FluxEngine
 from model.pipeline import load_pipeline
 from model.precompile import input_signature, precompile_modules
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
-from model.settings import Settings
+from model.settings import CompileSettings, Settings
 
 pytestmark = pytest.mark.slow
 
