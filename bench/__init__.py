@@ -13,7 +13,10 @@ NO_BODY = Request({"type": "http", "headers": []})
 
 # Each named configuration overrides some of config.yaml's settings, by their declared keys; "a+b" combines them.
 CONFIGS: dict[str, dict[str, Any]] = {
+    # bench.latency runs `eager` uncapped in bf16 as every other configuration's reference; `uncompiled` is the
+    # same switch where a card is stood in for.
     "eager": {"compile": False},
+    "uncompiled": {"compile": False},
     "default": {},
     "whole": {"compile_regional": False, "compile_precompile": False},
     "regional": {"compile_regional": True},
@@ -30,8 +33,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no_shared_layout": {"compile_shared_block_layout": False},
     "precompile": {"compile_precompile": True},
     "no_precompile": {"compile_precompile": False},
+    "bf16": {"precision": "bf16"},
     "fp8": {"precision": "fp8"},
     "int8": {"precision": "int8"},
+    # T5's weights on their own; with a quantized transformer, `auto` already makes them int8.
+    "t5bf16": {"text_encoder_precision": "bf16"},
+    "t5int8": {"text_encoder_precision": "int8"},
 }
 
 

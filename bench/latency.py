@@ -1,7 +1,7 @@
 """Warm latency of Model.predict per configuration, against eager in the same run.
 
     python -m bench.latency --configs eager,default,cudnn --resolutions 1024x1024 --runs 10
-    python -m bench.latency --configs eager,eager+fp8,fp8 --memory-cap 22   # as an L4 leaves it; eager uncapped
+    python -m bench.latency --card L4 --configs eager,uncompiled,default   # as an L4 would; eager uncapped
 
 Builds the model through the project's own loader (FLUX_MODEL_SOURCE, default full-random: the
 full-size architecture with random bf16 weights on the GPU). Every configuration runs in a fresh
@@ -23,9 +23,27 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import config_env, log_to_stderr
+from model.settings import env_for
+
+
+@dataclass(frozen=True)
+class CardProfile:
+    """How a smaller card is stood in for on a larger GPU: the memory it leaves one process, and the most the
+    allocator may reserve there (the rest is headroom for fragmentation, the CUDA context and libraries)."""
+
+    cap_gib: float
+    limit_gib: float
+
+
+CARD_PROFILES = {
+    "L4": CardProfile(cap_gib=22.0, limit_gib=18.0),
+    "A10G": CardProfile(cap_gib=22.0, limit_gib=18.0),
+    "H100_40GB": CardProfile(cap_gib=38.0, limit_gib=36.0),
+}
 
 # The arithmetic floor at 1024x1024, 4 steps: about 69.5 TFLOP per transformer step at the H200's bf16 (or fp8)
 # matmul rate, plus VAE and T5.
@@ -80,8 +98,10 @@ def child(
     workdir: Path,
     resolutions: list[str],
     runs: int,
+    text_lengths: list[int],
     profile_kernels: bool = False,
     memory_cap_gib: float | None = None,
+    clients: int = 0,
 ) -> dict:
     import numpy as np
     import torch
@@ -111,27 +131,36 @@ def child(
     result["compiled"] = report.compiled
     result["eager_fallback"] = report.eager_fallback_reason
 
-    per_resolution = {}
+    if cuda:
+        result["peak_reserved_after_load_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    per_shape = {}
     for text in resolutions:
         size = Resolution.parse(text)
-        request = GenerateRequest(
-            prompt="a lighthouse on a cliff at dusk", width=size.width, height=size.height, seed=0
-        )
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            model.predict(request, NO_BODY)  # returns after the JPEG is encoded: the GPU work is done
-            times.append(time.perf_counter() - t)
-        with timed_phases(engine) as phases:
-            for _ in range(3):
-                model.predict(request, NO_BODY)
-        per_resolution[text] = {
-            "p50_s": round(statistics.median(times), 4),
-            "p90_s": round(_percentile(times, 0.9), 4),
-            "min_s": round(min(times), 4),
-            "phases_s": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
-        }
-    result["latency"] = per_resolution
+        for length in text_lengths:
+            request = GenerateRequest(
+                prompt="a lighthouse on a cliff at dusk",
+                width=size.width,
+                height=size.height,
+                seed=0,
+                max_sequence_length=length,
+            )
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                model.predict(request, NO_BODY)  # returns after the JPEG is encoded: the GPU work is done
+                times.append(time.perf_counter() - t)
+            with timed_phases(engine) as phases:
+                for _ in range(3):
+                    model.predict(request, NO_BODY)
+            # The first text length keeps the plain size as its key, as every earlier run reported it.
+            key = text if length == text_lengths[0] else f"{text}@{length}"
+            per_shape[key] = {
+                "p50_s": round(statistics.median(times), 4),
+                "p90_s": round(_percentile(times, 0.9), 4),
+                "min_s": round(min(times), 4),
+                "phases_s": {k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
+            }
+    result["latency"] = per_shape
 
     first = Resolution.parse(resolutions[0])
     first_request = GenerateRequest(
@@ -142,6 +171,8 @@ def child(
             result["kernels_one_request"] = kernel_breakdown(lambda: model.predict(first_request, NO_BODY))
         except Exception as exc:  # the latency figures above are worth keeping without the profile
             result["kernels_one_request"] = {"error": repr(exc)}
+    if clients:
+        result["saturation"] = saturation(model, first_request, clients)
     job = engine.job_for(first_request)
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
@@ -155,6 +186,11 @@ def child(
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         if memory_cap_gib is not None:
             result["memory_cap_gib"] = memory_cap_gib
+    # What the weights became, from the weights themselves: Parameter (bf16), Float8Tensor or Int8Tensor.
+    result["weights"] = {
+        "transformer": type(engine.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__,
+        "t5": type(engine.pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__,
+    }
     reference = workdir / "eager.npy"
     if name == "eager":
         np.save(reference, pixels)
@@ -166,11 +202,46 @@ def child(
     return result
 
 
+def saturation(model: object, request: object, clients: int, seconds: float = 30.0) -> dict:
+    """Images per second with `clients` threads each sending the next request as soon as its last one returns.
+
+    Truss calls a sync predict from a thread pool, up to runtime.predict_concurrency at once; this is the same
+    call without the HTTP around it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench import NO_BODY
+
+    done_at: list[float] = []
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    def client() -> None:
+        while (now := time.perf_counter()) < stop:
+            model.predict(request, NO_BODY)  # type: ignore[attr-defined]
+            latencies.append(time.perf_counter() - now)
+            done_at.append(time.perf_counter())
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    elapsed = max(done_at) - started
+    return {
+        "clients": clients,
+        "images": len(done_at),
+        "images_per_s": round(len(done_at) / elapsed, 3),
+        "p50_latency_s": round(statistics.median(latencies), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="eager,default")
     parser.add_argument("--resolutions", default="1024x1024")
-    parser.add_argument("--text-lengths", default="256", help="compiled T5 lengths (the requests use 256)")
+    parser.add_argument(
+        "--text-lengths", default="256", help="compiled T5 lengths; requests are timed at each, PSNR at the first"
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--model", default="full-random")
     parser.add_argument("--workdir", type=Path)
@@ -183,14 +254,37 @@ def main() -> None:
         "configuration but the bf16 `eager` reference; the cap does not change what `precision: auto` sees, so name "
         "the precision in --configs (fp8, int8)",
     )
+    parser.add_argument(
+        "--card",
+        choices=sorted(CARD_PROFILES),
+        help="stand in for this card: its memory cap, and the precision `auto` picks from its facts, for every "
+        "configuration that names none (the `eager` reference stays uncapped bf16)",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=0, help="also measure images/s at saturation with this many concurrent callers"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     resolutions = args.resolutions.split(",")
+    if args.card:
+        args.memory_cap = CARD_PROFILES[args.card].cap_gib
+    text_lengths = [int(n) for n in args.text_lengths.split(",")]
 
     if args.child:
         log_to_stderr()
         print(
-            json.dumps(child(args.child, args.workdir, resolutions, args.runs, args.profile, args.memory_cap)),
+            json.dumps(
+                child(
+                    args.child,
+                    args.workdir,
+                    resolutions,
+                    args.runs,
+                    text_lengths,
+                    args.profile,
+                    args.memory_cap,
+                    args.clients,
+                )
+            ),
             flush=True,
         )
         return
@@ -205,6 +299,11 @@ def main() -> None:
         "FLUX_CACHE_BACKEND": "none",
         "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
     }
+    card_env = {}
+    if args.card:
+        from model.precision import CARDS, choose_precision
+
+        card_env = env_for(precision=choose_precision("auto", CARDS[args.card])[0])
     results = {}
     for name in args.configs.split(","):
         command = [
@@ -219,13 +318,21 @@ def main() -> None:
             args.resolutions,
             "--runs",
             str(args.runs),
+            "--text-lengths",
+            args.text_lengths,
+            "--clients",
+            str(args.clients),
             *(["--profile"] if args.profile else []),
             # The bf16 eager reference runs uncapped: every capped configuration gets its PSNR against bf16.
             *(["--memory-cap", str(args.memory_cap)] if args.memory_cap is not None and name != "eager" else []),
         ]
         # The child's logs stream to stderr as they happen: a run cut short still shows how far it got.
         done = subprocess.run(
-            command, env={**base_env, **config_env(name)}, stdout=subprocess.PIPE, text=True, check=False
+            command,
+            env={**base_env, **({} if name == "eager" else card_env), **config_env(name)},
+            stdout=subprocess.PIPE,
+            text=True,
+            check=False,
         )
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
@@ -243,7 +350,7 @@ def main() -> None:
                     "speedup_vs_eager": round(eager[size]["p50_s"] / figures["p50_s"], 3),
                 }
                 if size == "1024x1024":
-                    floor = FLOOR_S["fp8" if "fp8" in name else "bf16"]
+                    floor = FLOOR_S["fp8" if result["weights"]["transformer"] == "Float8Tensor" else "bf16"]
                     entry["floor_over_p50"] = round(floor / figures["p50_s"], 3)
                 summary[f"{name}@{size}"] = entry
         print(json.dumps(summary), flush=True)

@@ -19,7 +19,7 @@ from model.cache import CacheResult, choose_backend
 from model.coldstart import ColdStartReport, prepare, restore_in_background
 from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
-from model.optimize import block_hook, optimize
+from model.optimize import block_hook, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
 from model.precision import gpu_facts
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
@@ -56,7 +56,10 @@ class Model:
         if self._restoring is None:
             self._restoring = restore_in_background(cache, settings.compile)
         started = time.perf_counter()
-        pipe = load_pipeline(settings, hf_token=self._hf_token, on_block=block_hook(settings.optimizations))
+        opts = settings.optimizations
+        pipe = load_pipeline(
+            settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
+        )
         optimize(pipe, settings.optimizations)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
         weights_s = time.perf_counter() - started

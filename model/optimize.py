@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
     """Apply every enabled switch to the loaded `pipe` in place.
 
-    A quantized precision is the exception: it is applied while the weights load, through `block_hook`.
+    Quantized precisions are the exception: they apply while the weights load, through `block_hook` and
+    `text_encoder_hook`.
     """
     if opts.fuse_qkv:
         pipe.transformer.fuse_qkv_projections()
@@ -36,6 +37,17 @@ def block_hook(opts: Optimizations) -> BlockHook | None:
     """What each transformer part goes through as it reaches the GPU (see model.blocks); None when nothing."""
     if opts.precision not in ("fp8", "int8"):
         return None
+    return _quantizer(opts.precision)
+
+
+def text_encoder_hook(opts: Optimizations) -> BlockHook | None:
+    """What the T5 encoder goes through once on the GPU, before the transformer arrives; None when nothing."""
+    if opts.text_encoder_precision != "int8":
+        return None
+    return _quantizer("int8")
+
+
+def _quantizer(precision: str) -> BlockHook:
     # Imported lazily: torchao is only needed by the quantized precisions.
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
@@ -46,7 +58,7 @@ def block_hook(opts: Optimizations) -> BlockHook | None:
 
     # set_inductor_config=False: torchao's recommended settings turn on coordinate-descent tuning for the whole
     # process, which autotuned every Triton kernel on its first run and kept an fp8 load() compiling for minutes.
-    if opts.precision == "fp8":
+    if precision == "fp8":
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
     else:
         config = Int8WeightOnlyConfig(set_inductor_config=False)

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["bf16", "fp8", "int8"]
 PrecisionSetting = Literal["auto", "bf16", "fp8", "int8"]
+TextEncoderPrecision = Literal["bf16", "int8"]
+TextEncoderPrecisionSetting = Literal["auto", "bf16", "int8"]
 
 # The measured peak of bf16 serving (eager, the larger of eager and compiled), and the headroom a card needs
 # above it: the caching allocator's fragmentation and the CUDA context are not in the peak.
@@ -30,6 +32,17 @@ class GpuFacts:
     name: str
     memory_gib: float
     compute_capability: tuple[int, int]
+
+
+# What torch.cuda.get_device_properties reports on each card Baseten offers, by its `resources.accelerator` name.
+CARDS: dict[str, GpuFacts] = {
+    "L4": GpuFacts("NVIDIA L4", 22.0, (8, 9)),
+    "A10G": GpuFacts("NVIDIA A10G", 22.0, (8, 6)),
+    "H100_40GB": GpuFacts("NVIDIA H100 MIG 3g.40gb", 39.5, (9, 0)),
+    "H100": GpuFacts("NVIDIA H100 80GB HBM3", 79.1, (9, 0)),
+    "H200": GpuFacts("NVIDIA H200", 139.8, (9, 0)),
+    "B200": GpuFacts("NVIDIA B200", 178.4, (10, 0)),
+}
 
 
 def gpu_facts() -> GpuFacts | None:
@@ -70,3 +83,18 @@ def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple
     if gpu.memory_gib < SMALLEST_MEASURED_GIB:
         log.warning("%s has %.1f GiB, less than any card this package was measured on", gpu.name, gpu.memory_gib)
     return "int8", reason
+
+
+def choose_text_encoder_precision(
+    requested: TextEncoderPrecisionSetting, transformer: Precision
+) -> tuple[TextEncoderPrecision, str]:
+    """T5's precision, and why: `auto` quantizes its weights exactly when the transformer's are quantized.
+
+    T5's 9.5 GB of bf16 weights are the largest part left once the transformer is in fp8 or int8, and a card
+    that needs a quantized transformer has no room for them; a card that holds bf16 gains nothing from it.
+    """
+    if requested != "auto":
+        return requested, "set explicitly"
+    if transformer == "bf16":
+        return "bf16", "the transformer is bf16: the card has room for T5's bf16 weights"
+    return "int8", f"the transformer is {transformer}: T5's weights in int8 take 4.8 GB instead of 9.5 GB"

@@ -185,11 +185,13 @@ def build_random_pipeline(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     on_block: BlockHook | None = None,
+    on_text_encoder: BlockHook | None = None,
 ) -> FluxPipeline:
     """Build a FluxPipeline of the named spec directly on `device`; the same seed gives the same weights.
 
-    Each transformer part goes through `on_block` before the next one exists, so a hook that
-    quantizes never has the whole bf16 transformer on the device. The weights do not depend on it.
+    The T5 encoder goes through `on_text_encoder` before any transformer part exists, and each transformer
+    part goes through `on_block` before the next one exists, so hooks that quantize never have the whole bf16
+    model on the device. The weights do not depend on them.
     """
     try:
         spec = SPECS[spec_name]
@@ -197,7 +199,6 @@ def build_random_pipeline(
         raise ValueError(f"unknown architecture {spec_name!r}; known: {', '.join(SPECS)}") from None
     device = torch.device(device)
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
-    transformer = _random_transformer(spec, device, dtype, seed, on_block)
     with _born(device, dtype, seed):
         vae = AutoencoderKL(
             in_channels=3,
@@ -243,6 +244,9 @@ def build_random_pipeline(
         )
     for module in (vae, clip, t5):
         _scale_matrices(module, spec.weight_scale)
+    if on_text_encoder is not None:
+        on_text_encoder(t5)
+    transformer = _random_transformer(spec, device, dtype, seed, on_block)
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
         text_encoder=clip.eval(),

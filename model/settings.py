@@ -19,7 +19,13 @@ import pydantic
 import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict
 
-from model.precision import GpuFacts, PrecisionSetting, choose_precision
+from model.precision import (
+    GpuFacts,
+    PrecisionSetting,
+    TextEncoderPrecisionSetting,
+    choose_precision,
+    choose_text_encoder_precision,
+)
 from model.resolutions import ResolutionRegistry
 
 log = logging.getLogger(__name__)
@@ -141,11 +147,18 @@ class Optimizations:
         meaning="the transformer's precision; `auto` picks by the GPU load() finds (model/precision.py, README's "
         "GPU table)",
     )
+    # T5's weights are 9.5 GB in bf16: with a quantized transformer, the largest part left (model/precision.py).
+    text_encoder_precision: TextEncoderPrecisionSetting = setting(
+        "text_encoder_precision",
+        "auto",
+        meaning="the T5 encoder's weights: `int8` (torchao weight-only) halves their 9.5 GB; `auto` picks int8 "
+        "exactly when `precision` is fp8 or int8",
+    )
 
     def enabled(self) -> list[str]:
-        """The switches that change the model: every one that is on, and a precision other than bf16."""
+        """The switches that change the model: every one that is on, and each precision other than bf16."""
         return [
-            f"{name}={value}" if name == "precision" else name
+            name if value is True else f"{name}={value}"
             for name, value in vars(self).items()
             if value and value not in ("auto", "bf16")
         ]
@@ -206,12 +219,14 @@ class Settings:
         """These settings with `precision: auto` decided for `gpu`, and any conflict that brings settled and logged."""
         chosen, reason = choose_precision(self.optimizations.precision, gpu)
         log.info("precision %s: %s", chosen, reason)
+        text_chosen, text_reason = choose_text_encoder_precision(self.optimizations.text_encoder_precision, chosen)
+        log.info("text_encoder_precision %s: %s", text_chosen, text_reason)
         values = {d.key: functools.reduce(getattr, d.path, self) for d in declarations().values()}
-        return build(settle({**values, "precision": chosen}))
+        return build(settle({**values, "precision": chosen, "text_encoder_precision": text_chosen}))
 
     def fingerprint_facts(self) -> dict[str, Any]:
         """What shapes the compiled artifacts, for the cache key: of settings `resolved` for a GPU."""
-        if self.optimizations.precision == "auto":
+        if "auto" in (self.optimizations.precision, self.optimizations.text_encoder_precision):
             # "auto" names no precision: a key made of it would match no server's.
             raise ValueError("the cache key needs a decided precision: use settings.resolved(gpu_facts()) first")
         return {

@@ -6,12 +6,19 @@ precompiled functions.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench.cold_start import run_state
+from bench.latency import CARD_PROFILES
+from model.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,3 +51,37 @@ def test_restart_hits_the_cache(miss_then_hit: tuple[dict, dict]) -> None:
     assert miss["save"] == "saved"
     assert hit["restore"] == "hit" and hit["new_graphs"] == 0 and hit["precompiled"] == 0
     assert hit["compile_warmup_s"] < miss["compile_warmup_s"]
+
+
+@pytest.mark.parametrize("card", sorted(CARD_PROFILES))
+def test_a_smaller_card_serves_every_shape_within_its_headroom(card: str) -> None:
+    """Under the card's memory cap and with the precision `auto` picks for it, compiled and eager each load and
+    serve every served size at every text length, with the allocator's peak reservation within the profile."""
+    served = Settings.from_sources(environ={})
+    command = [
+        sys.executable,
+        "-m",
+        "bench.latency",
+        "--card",
+        card,
+        "--configs",
+        "eager,uncompiled,default",
+        "--resolutions",
+        ",".join(str(r) for r in served.resolutions),
+        "--text-lengths",
+        ",".join(str(n) for n in served.text_lengths),
+        "--runs",
+        "3",
+    ]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, cwd=ROOT)
+    print(done.stdout)  # the figures, for BENCHMARKS.md
+    results = {r["config"]: r for r in map(json.loads, done.stdout.splitlines()) if "config" in r}
+    limit = CARD_PROFILES[card].limit_gib
+    for name in ("uncompiled", "default"):
+        result = results[name]
+        assert "error" not in result, f"{name} failed on {card}: see the log"
+        assert result["memory_cap_gib"] == CARD_PROFILES[card].cap_gib
+        assert len(result["latency"]) == len(served.resolutions) * len(served.text_lengths)
+        assert result["peak_reserved_gib"] <= limit, (name, result["peak_reserved_gib"], limit)
+    assert results["default"]["compiled"] and results["default"]["eager_fallback"] is None
+    assert not results["uncompiled"]["compiled"]

@@ -9,27 +9,24 @@ import pytest
 
 from bench import NO_BODY
 from model.model import Model
-from model.precision import GpuFacts, choose_precision
+from model.precision import CARDS, GpuFacts, choose_precision, choose_text_encoder_precision
 from model.schema import GenerateRequest
 from model.settings import Settings, SettingsError, config_metadata
 from tests.conftest import TINY_EAGER, decode_jpeg
 
-# What torch.cuda.get_device_properties reports for each card (total memory in GiB, compute capability).
-CARDS = {
-    "L4": (GpuFacts("NVIDIA L4", 22.0, (8, 9)), "fp8"),
-    "A10G": (GpuFacts("NVIDIA A10G", 22.0, (8, 6)), "int8"),
-    "H100_40GB": (GpuFacts("NVIDIA H100 MIG 3g.40gb", 39.5, (9, 0)), "bf16"),
-    "H100": (GpuFacts("NVIDIA H100 80GB HBM3", 79.1, (9, 0)), "bf16"),
-    "H200": (GpuFacts("NVIDIA H200", 139.8, (9, 0)), "bf16"),
-    "B200": (GpuFacts("NVIDIA B200", 178.4, (10, 0)), "bf16"),
-}
+# What `auto` must pick on each card, from the facts the card reports (model.precision.CARDS).
+EXPECTED = {"L4": "fp8", "A10G": "int8", "H100_40GB": "bf16", "H100": "bf16", "H200": "bf16", "B200": "bf16"}
 
 
-@pytest.mark.parametrize("card", CARDS)
+def test_every_card_has_an_expected_precision() -> None:
+    assert set(EXPECTED) == set(CARDS)
+
+
+@pytest.mark.parametrize("card", EXPECTED)
 def test_auto_picks_by_the_cards_memory_and_compute_capability(card: str) -> None:
-    facts, expected = CARDS[card]
+    facts = CARDS[card]
     chosen, reason = choose_precision("auto", facts)
-    assert chosen == expected
+    assert chosen == EXPECTED[card]
     assert f"{facts.memory_gib:.1f} GiB" in reason, "the reason names the fact it rests on"
 
 
@@ -45,12 +42,12 @@ def test_a_card_smaller_than_any_measured_one_gets_int8_and_a_warning(caplog: py
 
 @pytest.mark.parametrize("explicit", ["bf16", "fp8", "int8"])
 def test_an_explicit_precision_is_kept(explicit: str) -> None:
-    assert choose_precision(explicit, CARDS["A10G"][0]) == (explicit, "set explicitly")
+    assert choose_precision(explicit, CARDS["A10G"]) == (explicit, "set explicitly")
 
 
 def test_explicit_bf16_on_a_small_card_warns_with_the_expected_peak(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="model.precision"):
-        choose_precision("bf16", CARDS["L4"][0])
+        choose_precision("bf16", CARDS["L4"])
     assert "33.8 GiB" in caplog.text and "22.0 GiB" in caplog.text
 
 
@@ -63,13 +60,35 @@ def test_an_unknown_precision_lists_the_valid_ones() -> None:
 
 def test_resolving_auto_changes_the_cache_key_and_settles_precompile(caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings.from_sources(environ={})
-    on_h100 = settings.resolved(CARDS["H100"][0])
+    on_h100 = settings.resolved(CARDS["H100"])
     with caplog.at_level(logging.INFO):
-        on_l4 = settings.resolved(CARDS["L4"][0])
+        on_l4 = settings.resolved(CARDS["L4"])
     assert (on_h100.optimizations.precision, on_l4.optimizations.precision) == ("bf16", "fp8")
     assert on_h100.compile.precompile and not on_l4.compile.precompile, "precompile was measured for bf16 only"
     assert on_h100.fingerprint_facts() != on_l4.fingerprint_facts()
     assert "precision fp8:" in caplog.text and "compile_precompile turned off" in caplog.text
+
+
+@pytest.mark.parametrize(("transformer", "expected"), [("bf16", "bf16"), ("fp8", "int8"), ("int8", "int8")])
+def test_auto_quantizes_t5_exactly_when_the_transformer_is_quantized(transformer: str, expected: str) -> None:
+    assert choose_text_encoder_precision("auto", transformer)[0] == expected
+
+
+@pytest.mark.parametrize("explicit", ["bf16", "int8"])
+def test_an_explicit_text_encoder_precision_is_kept(explicit: str) -> None:
+    for transformer in ("bf16", "fp8", "int8"):
+        assert choose_text_encoder_precision(explicit, transformer) == (explicit, "set explicitly")
+
+
+def test_the_text_encoders_precision_is_part_of_the_cache_key(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO):
+        quantized = Settings.from_sources(environ={}).resolved(CARDS["L4"])
+    plain = Settings.from_sources(environ={"FLUX_TEXT_ENCODER_PRECISION": "bf16"}).resolved(CARDS["L4"])
+    assert quantized.optimizations.text_encoder_precision == "int8"
+    assert "text_encoder_precision int8: the transformer is fp8" in caplog.text
+    assert quantized.fingerprint_facts() != plain.fingerprint_facts()
+    with pytest.raises(ValueError, match="decided precision"):
+        Settings.from_sources(environ={"FLUX_PRECISION": "fp8"}).fingerprint_facts()
 
 
 def test_int8_serves_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,6 +98,8 @@ def test_int8_serves_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     model.load()
     linear = model._engine.pipe.transformer.transformer_blocks[0].attn.to_q
     assert type(linear.weight).__name__ == "Int8Tensor", "the transformer's linears hold int8 weights"
+    t5_linear = model._engine.pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q
+    assert type(t5_linear.weight).__name__ == "Int8Tensor", "auto quantizes T5 with a quantized transformer"
     request = GenerateRequest(prompt="a lighthouse", width=1216, height=832, seed=4)
     image = np.asarray(decode_jpeg(model.predict(request, NO_BODY).data), dtype=np.float32)
     assert image.shape == (832, 1216, 3) and image.std() > 1, "a real image, not a flat one"

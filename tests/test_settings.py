@@ -48,12 +48,14 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "shared_block_layout": True,
             "precompile": True,
         },
-        # `precision` replaced the `fp8` switch (False here), which changed the key once; `auto` is decided first.
+        # `precision` replaced the `fp8` switch (False here), and `text_encoder_precision` joined it: each changed
+        # the key once. Both `auto`s are decided first.
         "optimizations": {
             "fuse_qkv": False,
             "vae_channels_last": False,
             "attention_backend": None,
             "precision": "bf16",
+            "text_encoder_precision": "bf16",
         },
         "resolutions": ["1024x1024", "1216x832", "896x1152"],
         "text_lengths": [256, 512],
