@@ -186,6 +186,10 @@ def child(
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         if memory_cap_gib is not None:
             result["memory_cap_gib"] = memory_cap_gib
+        # Last, as it resets the peaks read above: where in a request the memory goes.
+        with timed_phases(engine, memory=True) as phases:
+            model.predict(first_request, NO_BODY)
+        result["peak_gib_by_phase"] = {k: v for k, v in phases[0].items() if k.endswith("_peak_gib")}
     # What the weights became, from the weights themselves: Parameter (bf16), Float8Tensor or Int8Tensor.
     result["weights"] = {
         "transformer": type(engine.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__,

@@ -4,6 +4,8 @@ The engine runs a request in named phases (FluxEngine.encode_text, denoise, deco
 wraps those methods on one engine instance for the duration of a `with` block, synchronizing the GPU at each
 phase's end so the seconds are the GPU's too, and records one dict per request. Nothing in the engine knows:
 a benchmark times its own engine, one request at a time, so no request can write another's figures.
+With `memory=True` each phase also reports the most GPU memory allocated while it ran (`<phase>_peak_gib`); that
+resets the process's peak statistics, so read the peaks of a whole run before.
 """
 
 from __future__ import annotations
@@ -26,19 +28,38 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def _peak_gib() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def _reset_peak() -> None:
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+
+
 @contextmanager
-def timed_phases(engine: FluxEngine) -> Iterator[list[dict[str, float]]]:
+def timed_phases(engine: FluxEngine, memory: bool = False) -> Iterator[list[dict[str, float]]]:
     """Yield a list that gains one {phase: seconds} dict per request the engine completes inside the block."""
+    import torch
+
+    memory = memory and torch.cuda.is_available()
     requests: list[dict[str, float]] = []
     current: dict[str, float] = {}
 
     def timed(method_name: str, phase: str, method: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             _synchronize()
+            if memory:
+                _reset_peak()
             started = time.perf_counter()
             result = method(*args, **kwargs)
             _synchronize()
             current[phase] = time.perf_counter() - started
+            if memory:
+                current[phase.removesuffix("_s") + "_peak_gib"] = _peak_gib()
             if method_name == "respond":  # the last phase of a request
                 requests.append(dict(current))
                 current.clear()

@@ -75,6 +75,19 @@ def repeated_block_names(transformer: torch.nn.Module) -> set[str]:
     return set(transformer._repeated_blocks)
 
 
+def set_cuda_allocator_settings(settings: str) -> None:
+    """Change the CUDA caching allocator's settings from inside the process (PYTORCH_CUDA_ALLOC_CONF's syntax).
+
+    The environment variable is read once, when CUDA starts; load() decides after the GPU's facts are read.
+    torch's only setter is private, and moved: torch.cuda.memory's (torch 2.11, which serves) warns from 2.13 on,
+    which has the accelerator-wide one. It applies to memory reserved from then on.
+    """
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(settings)
+
+
 def unpack_latents(pipe: FluxPipeline, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """FluxPipeline's packed 2x2 latent patches back to the VAE's layout; the pipeline only does it inside __call__."""
     return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)

@@ -19,7 +19,7 @@ from model.cache import CacheResult, choose_backend
 from model.coldstart import ColdStartReport, prepare, restore_in_background
 from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
-from model.optimize import block_hook, optimize, text_encoder_hook
+from model.optimize import block_hook, configure_allocator, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
 from model.precision import gpu_facts
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
@@ -57,6 +57,7 @@ class Model:
             self._restoring = restore_in_background(cache, settings.compile)
         started = time.perf_counter()
         opts = settings.optimizations
+        configure_allocator(opts)
         pipe = load_pipeline(
             settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
         )

@@ -12,6 +12,7 @@ import torch
 from diffusers import FluxPipeline
 
 from model.blocks import BlockHook
+from model.compat import set_cuda_allocator_settings
 from model.settings import Optimizations
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,18 @@ def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
         pipe.transformer.set_attention_backend(opts.attention_backend)
     if opts.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
+    if opts.vae_inplace_silu:
+        for module in pipe.vae.decoder.modules():
+            if isinstance(module, torch.nn.SiLU):
+                module.inplace = True
     if opts.enabled():
         log.info("optimizations: %s", ", ".join(opts.enabled()))
+
+
+def configure_allocator(opts: Optimizations) -> None:
+    """The allocator switches; before the weights load, since they apply to memory reserved from then on."""
+    if opts.expandable_segments and torch.cuda.is_available():
+        set_cuda_allocator_settings("expandable_segments:True")
 
 
 def block_hook(opts: Optimizations) -> BlockHook | None:

@@ -134,6 +134,19 @@ class Optimizations:
     vae_channels_last: bool = setting(
         "vae_channels_last", False, meaning="run the VAE in the channels-last (NHWC) memory layout"
     )
+    # The caching allocator keeps freed blocks for reuse at their size; weights quantized as they load and the
+    # VAE's large activations then leave reserved memory in pieces none of them fits (3 GiB on an L4's cap,
+    # BENCHMARKS.md). Expandable segments grow and shrink in place, so what is reserved stays near what is used.
+    expandable_segments: bool = setting(
+        "expandable_segments",
+        True,
+        meaning="CUDA's caching allocator grows its segments in place: reserved memory stays near the memory in use",
+    )
+    # nn.SiLU after each GroupNorm in the VAE decoder can overwrite the norm's output, which nothing reads again:
+    # the same pixels, one full-resolution activation fewer at the peak of an eager decode.
+    vae_inplace_silu: bool = setting(
+        "vae_inplace_silu", True, meaning="the VAE decoder's SiLU activations overwrite their input (same pixels)"
+    )
     # e.g. "_native_cudnn" (cuDNN's fused attention in SDPA) or "_native_flash"; None keeps SDPA's own choice.
     attention_backend: OptionalName = setting(
         "attention_backend", None, meaning="diffusers' attention backend, e.g. `_native_cudnn`; empty keeps SDPA's"
@@ -363,6 +376,14 @@ CONFLICTS = (
         holds=lambda values: values["precision"] in ("fp8", "int8"),
         reason="quantized weights were measured with Dynamo's own compile and have never gone through a "
         "precompiled function",
+    ),
+    Conflict(
+        yields="compile",
+        wins="precision",
+        holds=lambda values: values["precision"] == "int8",
+        # Measured on an H200 (BENCHMARKS.md): 158 s and 136 s for the first two shapes against about 20 s in bf16.
+        reason="Inductor compiles int8's weight-only matmuls for over two minutes per served shape, so int8 serves "
+        "eager",
     ),
 )
 

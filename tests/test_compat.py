@@ -5,6 +5,7 @@ An upgrade of torch, diffusers or b10-transfer that moves one of them fails here
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,9 @@ def test_b10_transfers_own_reading_of_baseten_fs_enabled(monkeypatch: pytest.Mon
     monkeypatch.setenv("BASETEN_FS_ENABLED", "yes")
     with pytest.raises(CacheValidationError):
         compat.b10fs_enabled_by_b10_transfer()
+
+
+def test_the_allocator_settings_are_set_without_a_deprecation_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compat.set_cuda_allocator_settings("expandable_segments:True")

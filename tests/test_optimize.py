@@ -40,8 +40,19 @@ def test_switches_keep_the_image(settings: Settings, engine: FluxEngine) -> None
     assert np.abs(pixels(optimized) - pixels(engine)).max() <= 2
 
 
-def test_no_switch_is_on_by_default_on_the_cpu() -> None:
-    assert Optimizations().enabled() == []
+def test_only_switches_that_keep_every_pixel_are_on_by_default() -> None:
+    assert Optimizations().enabled() == ["expandable_segments", "vae_inplace_silu"]
+
+
+def test_inplace_silu_keeps_every_pixel(settings: Settings) -> None:
+    plain = load_pipeline(settings, device="cpu")
+    optimize(plain, Optimizations(vae_inplace_silu=False))
+    inplace = load_pipeline(settings, device="cpu")
+    optimize(inplace, Optimizations(vae_inplace_silu=True))
+    assert any(getattr(m, "inplace", False) for m in inplace.vae.decoder.modules())
+    assert not any(getattr(m, "inplace", False) for m in plain.vae.decoder.modules())
+    same = [FluxEngine(pipe, settings.resolutions, settings.text_lengths) for pipe in (plain, inplace)]
+    assert np.array_equal(pixels(same[0]), pixels(same[1]))
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])

@@ -48,11 +48,13 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "shared_block_layout": True,
             "precompile": True,
         },
-        # `precision` replaced the `fp8` switch (False here), and `text_encoder_precision` joined it: each changed
-        # the key once. Both `auto`s are decided first.
+        # `precision` replaced the `fp8` switch (False here); `text_encoder_precision` and the two memory switches
+        # joined later: each change changed the key once. Both `auto`s are decided first.
         "optimizations": {
             "fuse_qkv": False,
             "vae_channels_last": False,
+            "expandable_segments": True,
+            "vae_inplace_silu": True,
             "attention_backend": None,
             "precision": "bf16",
             "text_encoder_precision": "bf16",
@@ -118,7 +120,7 @@ def test_an_unknown_flux_variable_warns(caplog: pytest.LogCaptureFixture) -> Non
     ("environ", "winner"),
     [
         ({"FLUX_PRECISION": "fp8"}, "precision is fp8"),
-        ({"FLUX_PRECISION": "int8"}, "precision is int8"),
+        ({"FLUX_PRECISION": "int8", "FLUX_COMPILE": "0"}, "precision is int8"),
         ({"FLUX_COMPILE_REGIONAL": "0"}, "compile_regional is False"),
     ],
 )
@@ -131,6 +133,13 @@ def test_a_conflict_turns_precompile_off_with_a_warning_naming_both(
     [record] = [r for r in caplog.records if r.name == "model.settings"]
     assert record.levelno == logging.WARNING
     assert record.getMessage().startswith(f"compile_precompile turned off because {winner}")
+
+
+def test_int8_serves_eager_with_a_warning_naming_both(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="model.settings"):
+        settings = Settings.from_sources(environ={"FLUX_PRECISION": "int8", "FLUX_COMPILE_PRECOMPILE": "0"})
+    assert not settings.compile.enabled
+    assert "compile turned off because precision is int8" in caplog.text
 
 
 def test_the_rest_of_a_conflicting_configuration_is_kept() -> None:
