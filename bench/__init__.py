@@ -33,6 +33,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no_shared_layout": {"compile_shared_block_layout": False},
     "precompile": {"compile_precompile": True},
     "no_precompile": {"compile_precompile": False},
+    "no_expandable": {"expandable_segments": False},
+    "no_inplace_silu": {"vae_inplace_silu": False},
     "bf16": {"precision": "bf16"},
     "fp8": {"precision": "fp8"},
     "int8": {"precision": "int8"},
