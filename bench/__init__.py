@@ -41,6 +41,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # T5's weights on their own; with a quantized transformer, `auto` already makes them int8.
     "t5bf16": {"text_encoder_precision": "bf16"},
     "t5int8": {"text_encoder_precision": "int8"},
+    "t5int4": {"text_encoder_precision": "int4"},
 }
 
 

@@ -53,15 +53,16 @@ def block_hook(opts: Optimizations) -> BlockHook | None:
 
 def text_encoder_hook(opts: Optimizations) -> BlockHook | None:
     """What the T5 encoder goes through once on the GPU, before the transformer arrives; None when nothing."""
-    if opts.text_encoder_precision != "int8":
+    if opts.text_encoder_precision == "bf16":
         return None
-    return _quantizer("int8")
+    return _quantizer(opts.text_encoder_precision)
 
 
 def _quantizer(precision: str) -> BlockHook:
     # Imported lazily: torchao is only needed by the quantized precisions.
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
         Int8WeightOnlyConfig,
         PerRow,
         quantize_,
@@ -71,6 +72,11 @@ def _quantizer(precision: str) -> BlockHook:
     # process, which autotuned every Triton kernel on its first run and kept an fp8 load() compiling for minutes.
     if precision == "fp8":
         config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    elif precision == "int4":
+        # tinygemm's layout: its kernels ship with torch's CUDA build, where the default layout needs another library.
+        config = Int4WeightOnlyConfig(
+            group_size=128, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
     else:
         config = Int8WeightOnlyConfig(set_inductor_config=False)
 

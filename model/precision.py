@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["bf16", "fp8", "int8"]
 PrecisionSetting = Literal["auto", "bf16", "fp8", "int8"]
-TextEncoderPrecision = Literal["bf16", "int8"]
-TextEncoderPrecisionSetting = Literal["auto", "bf16", "int8"]
+TextEncoderPrecision = Literal["bf16", "int8", "int4"]
+TextEncoderPrecisionSetting = Literal["auto", "bf16", "int8", "int4"]
 
 # The measured peak of bf16 serving (eager, the larger of eager and compiled), and the headroom a card needs
 # above it: the caching allocator's fragmentation and the CUDA context are not in the peak.
@@ -86,15 +86,19 @@ def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple
 
 
 def choose_text_encoder_precision(
-    requested: TextEncoderPrecisionSetting, transformer: Precision
+    requested: TextEncoderPrecisionSetting, transformer: Precision, gpu: GpuFacts | None
 ) -> tuple[TextEncoderPrecision, str]:
     """T5's precision, and why: `auto` quantizes its weights exactly when the transformer's are quantized.
 
     T5's 9.5 GB of bf16 weights are the largest part left once the transformer is in fp8 or int8, and a card
     that needs a quantized transformer has no room for them; a card that holds bf16 gains nothing from it.
+    int4 (tinygemm's CUDA kernels) rather than int8: with int8 weights an eager request still peaked at 18.4 GiB
+    on an L4's cap, over the 18 GiB the profile allows (BENCHMARKS.md). Without a GPU, int8.
     """
     if requested != "auto":
         return requested, "set explicitly"
     if transformer == "bf16":
         return "bf16", "the transformer is bf16: the card has room for T5's bf16 weights"
-    return "int8", f"the transformer is {transformer}: T5's weights in int8 take 4.8 GB instead of 9.5 GB"
+    if gpu is None:
+        return "int8", f"the transformer is {transformer} and int4's kernels need a GPU: int8 weights, 4.8 GB"
+    return "int4", f"the transformer is {transformer}: T5's weights in int4 take 2.4 GB instead of 9.5 GB"

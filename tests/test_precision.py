@@ -69,23 +69,27 @@ def test_resolving_auto_changes_the_cache_key_and_settles_precompile(caplog: pyt
     assert "precision fp8:" in caplog.text and "compile_precompile turned off" in caplog.text
 
 
-@pytest.mark.parametrize(("transformer", "expected"), [("bf16", "bf16"), ("fp8", "int8"), ("int8", "int8")])
+@pytest.mark.parametrize(("transformer", "expected"), [("bf16", "bf16"), ("fp8", "int4"), ("int8", "int4")])
 def test_auto_quantizes_t5_exactly_when_the_transformer_is_quantized(transformer: str, expected: str) -> None:
-    assert choose_text_encoder_precision("auto", transformer)[0] == expected
+    assert choose_text_encoder_precision("auto", transformer, CARDS["L4"])[0] == expected
 
 
-@pytest.mark.parametrize("explicit", ["bf16", "int8"])
+def test_auto_quantizes_t5_to_int8_without_a_gpu() -> None:
+    assert choose_text_encoder_precision("auto", "int8", None)[0] == "int8"
+
+
+@pytest.mark.parametrize("explicit", ["bf16", "int8", "int4"])
 def test_an_explicit_text_encoder_precision_is_kept(explicit: str) -> None:
     for transformer in ("bf16", "fp8", "int8"):
-        assert choose_text_encoder_precision(explicit, transformer) == (explicit, "set explicitly")
+        assert choose_text_encoder_precision(explicit, transformer, CARDS["A10G"]) == (explicit, "set explicitly")
 
 
 def test_the_text_encoders_precision_is_part_of_the_cache_key(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
         quantized = Settings.from_sources(environ={}).resolved(CARDS["L4"])
     plain = Settings.from_sources(environ={"FLUX_TEXT_ENCODER_PRECISION": "bf16"}).resolved(CARDS["L4"])
-    assert quantized.optimizations.text_encoder_precision == "int8"
-    assert "text_encoder_precision int8: the transformer is fp8" in caplog.text
+    assert quantized.optimizations.text_encoder_precision == "int4"
+    assert "text_encoder_precision int4: the transformer is fp8" in caplog.text
     assert quantized.fingerprint_facts() != plain.fingerprint_facts()
     with pytest.raises(ValueError, match="decided precision"):
         Settings.from_sources(environ={"FLUX_PRECISION": "fp8"}).fingerprint_facts()
