@@ -15,6 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
+import torch
+
 from model import precompile
 from model.artifacts import CompileArtifacts
 from model.cache import (
@@ -37,6 +39,15 @@ WARMUP_PROMPT = "a warm-up prompt that exercises the text encoders"
 # Every denoising step calls the transformer with the same shapes, so one step compiles and checks the same
 # graphs as four; the 57 block calls inside it already reuse each block graph. Fewer steps, shorter load().
 WARMUP_STEPS = 1
+# Candidates for the size that compiles the dynamic-shape graph: the first without a static graph is taken. Each is
+# non-square, so Dynamo gives width and height their own symbols, and its token count (width/16 * height/16) is
+# neither text length, so no image dimension is tied to the text's.
+DYNAMIC_WARMUP_SIZES = (Resolution(1152, 640), Resolution(896, 512), Resolution(640, 384))
+# The convolutions branch on the latent's area (about a third of a megapixel on the tiny model's CPU run), so a
+# small size compiles the graph for the other side of that branch.
+DYNAMIC_SMALL_SIZE = Resolution(512, 512)
+# Then a size never warmed up, at the other text length, must run without compiling anything.
+DYNAMIC_CHECK_SIZE = Resolution(1008, 784)
 
 
 @dataclass
@@ -145,8 +156,12 @@ def prepare(
     undo = None
     try:
         undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()), artifacts=artifacts)
-        report.warmup = warm_up(engine, compile_settings.warmup_runs)
+        dynamic = dynamic_warmup_shapes(engine) if compile_settings.any_size and not compile_settings.dynamic else []
+        report.warmup = warm_up(engine, compile_settings.warmup_runs, dynamic)
         report.compiled = True
+        # From here on a request never compiles: a graph whose guards fail runs eagerly instead (model.graph_route
+        # makes every served size find one).
+        torch.compiler.set_stance("eager_on_recompile")
     except Exception as exc:
         log.exception("COMPILE FAILED, serving EAGER (slower) instead: %r", exc)
         report.eager_fallback_reason = repr(exc)
@@ -194,12 +209,27 @@ def _archived_bytes(inductor_dir: Path, precompiled: bool) -> int:
         return 0
 
 
-def warm_up(engine: FluxEngine, runs_per_shape: int) -> WarmupReport:
-    """Run every served resolution at every compiled text length, logging progress and seconds.
+def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
+    """The shapes that compile and check the dynamic-shape graph, in order.
+
+    A size without a static graph at the first text length (its first run compiles a static graph of the dynamic
+    function), the same size turned the other way at the last text length (every size-dependent dimension now
+    differs, so this run compiles the one dynamic graph), a small square size for the branch the convolutions take
+    below a third of a megapixel, then a size none of them covers, which must compile nothing.
+    """
+    first, last = engine.text_lengths[0], engine.text_lengths[-1]
+    size = next(r for r in DYNAMIC_WARMUP_SIZES if not {r, Resolution(r.height, r.width)} & set(engine.resolutions))
+    return [(size, first), (size.transposed(), last), (DYNAMIC_SMALL_SIZE, first), (DYNAMIC_CHECK_SIZE, last)]
+
+
+def warm_up(
+    engine: FluxEngine, runs_per_shape: int, dynamic_shapes: list[tuple[Resolution, int]] | None = None
+) -> WarmupReport:
+    """Run every served resolution at every compiled text length, then `dynamic_shapes`, logging progress.
 
     A shape runs `runs_per_shape` times when its first run compiled something new, and once otherwise.
     """
-    shapes = engine.shapes()
+    shapes = [*engine.shapes(), *(dynamic_shapes or [])]
     report = WarmupReport()
     before = CompileCounters.now()
     for index, (resolution, text_length) in enumerate(shapes, start=1):

@@ -17,6 +17,7 @@ from model.compat import (
     repeated_block_names,
     set_compiled_call,
 )
+from model.graph_route import on_dynamic_graph
 from model.settings import CompileSettings
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,17 @@ def compile_pipeline(
     functions are saved in `artifacts.precompiled_dir`, kept per cache key as the archives are.
     """
     allow_recompiles(2 * shapes)
-    eager_decode = pipe.vae.decode
+    # A previous load() in this process sealed its graphs (model.coldstart); this one compiles.
+    torch.compiler.set_stance("default")
 
     def undo() -> None:
         for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
             set_compiled_call(module, None)
-        pipe.vae.decode = eager_decode
+        torch.compiler.set_stance("default")
         torch.compiler.reset()
 
     try:
-        _wrap(pipe, settings, eager_decode, artifacts)
+        _wrap(pipe, settings, artifacts)
     except BaseException:
         # The caller gets no undo from a raising call, so undo here whatever was wrapped before the failure:
         # otherwise the engine would run half compiled while the log says eager.
@@ -57,10 +59,8 @@ def compile_pipeline(
     return undo
 
 
-def _wrap(
-    pipe: FluxPipeline, settings: CompileSettings, eager_decode: Callable[..., Any], artifacts: CompileArtifacts
-) -> None:
-    """Route the transformer (its repeated blocks, or all of it) and the VAE decode through compiled functions."""
+def _wrap(pipe: FluxPipeline, settings: CompileSettings, artifacts: CompileArtifacts) -> None:
+    """Route the transformer (its repeated blocks, or all of it) and the VAE's decoder through compiled functions."""
     if settings.precompile:
         _precompile(pipe, settings, artifacts)
     else:
@@ -70,25 +70,63 @@ def _wrap(
         else:
             pipe.transformer.compile(**options)
         if settings.compile_vae:
-            pipe.vae.decode = torch.compile(eager_decode, **options)
-    # Both paths fill the blocks' compiled-call slot; precompile is always regional (model.settings turns it off
+            pipe.vae.decoder.compile(**options)
+    # Both paths fill the regions' compiled-call slots; precompile is always regional (model.settings turns it off
     # without regional compilation).
+    if not settings.dynamic:
+        # With static graphs, sizes without one of their own need the dynamic-shape graph (model.graph_route).
+        _add_dynamic_graphs(_regions(pipe, settings), settings.mode if settings.any_size else None)
     if settings.regional and settings.shared_block_layout:
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
 
 
+def _regions(pipe: FluxPipeline, settings: CompileSettings) -> list[torch.nn.Module]:
+    """The modules whose compiled-call slot holds a compiled function."""
+    transformer = pipe.transformer
+    if settings.regional:
+        repeated = repeated_block_names(transformer)
+        regions = [m for m in transformer.modules() if type(m).__name__ in repeated]
+    else:
+        regions = [transformer]
+    return [*regions, pipe.vae.decoder] if settings.compile_vae else regions
+
+
+def _add_dynamic_graphs(regions: list[torch.nn.Module], mode: str | None) -> None:
+    """Give each region a second compiled function, for the sizes that have no static graph; its eager forward
+    when `mode` is None (`compile_any_size` off).
+
+    It compiles the class's own `forward`, a code object the static functions never run through, so Dynamo keeps
+    its graphs apart from theirs. `dynamic=None`: its first size compiles static, and the second, which differs in
+    every size-dependent dimension, compiles the one graph with exactly those dimensions symbolic (model.coldstart
+    picks those warm-up sizes).
+    """
+    dynamic: dict[type, Callable[..., Any]] = {}
+    for module in regions:
+        kind = type(module)
+        if kind not in dynamic:
+            eager = mode is None
+            dynamic[kind] = kind.forward if eager else torch.compile(kind.forward, mode=mode, fullgraph=True)
+        set_compiled_call(module, _routed(module, compiled_call(module), dynamic[kind]))
+
+
+def _routed(module: torch.nn.Module, static: Callable[..., Any] | None, dynamic: Callable[..., Any]) -> Callable:
+    if static is None:
+        raise RuntimeError(f"{type(module).__name__} has no static compiled function to route beside")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if on_dynamic_graph():
+            return dynamic(module, *args, **kwargs)
+        return static(*args, **kwargs)
+
+    return call
+
+
 def _precompile(pipe: FluxPipeline, settings: CompileSettings, artifacts: CompileArtifacts) -> None:
     """Route the repeated blocks, and the VAE's decoder, through functions compiled ahead of time."""
-    transformer = pipe.transformer
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
-    transformer.requires_grad_(False)
+    pipe.transformer.requires_grad_(False)
     pipe.vae.requires_grad_(False)
-    repeated = repeated_block_names(transformer)
-    modules = [m for m in transformer.modules() if type(m).__name__ in repeated]
-    if settings.compile_vae:
-        # vae.decode itself is wrapped by a diffusers decorator, which cannot be saved; its decoder module can.
-        modules.append(pipe.vae.decoder)
-    precompile.precompile_modules(modules, artifacts, settings.mode, settings.dynamic)
+    precompile.precompile_modules(_regions(pipe, settings), artifacts, settings.mode, settings.dynamic)
 
 
 def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:

@@ -18,6 +18,7 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from model.compat import unpack_latents
+from model.graph_route import dynamic_graph
 from model.images import to_base64_jpeg
 from model.prompts import encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
@@ -96,7 +97,8 @@ class FluxEngine:
 
     @torch.inference_mode()
     def run(self, job: Job) -> Image.Image:
-        with self._lock:
+        # A size compiled statically runs its own graph; any other runs the dynamic-shape one (model.compile).
+        with self._lock, dynamic_graph(job.resolution not in self.resolutions):
             embeds, pooled = self.encode_text(job)
             latents = self.denoise(job, embeds, pooled)
             return self.decode(latents, job.resolution)

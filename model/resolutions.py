@@ -38,6 +38,10 @@ class Resolution:
     def __str__(self) -> str:
         return f"{self.width}x{self.height}"
 
+    def transposed(self) -> Resolution:
+        """The same size the other way round: portrait for landscape."""
+        return Resolution(self.height, self.width)
+
     @property
     def megapixels(self) -> float:
         return self.width * self.height / 1e6

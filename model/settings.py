@@ -97,6 +97,14 @@ class CompileSettings:
     dynamic: bool = setting(
         "compile_dynamic", False, meaning="one dynamic-shape graph for all sizes instead of one static graph per size"
     )
+    # Sizes without a static graph of their own share one dynamic-shape graph, compiled and warmed up at load()
+    # (model.compile, model.coldstart), so no request compiles; off, they run eager and load() is shorter.
+    any_size: bool = setting(
+        "compile_any_size",
+        True,
+        meaning="compile and warm up one dynamic-shape graph for every size without a static graph (`resolutions`); "
+        "off, those sizes run eager",
+    )
     # Up to two runs per shape: the first compiles, the second proves no guard fails on reuse. A shape whose
     # first run compiled nothing new (a cache hit) runs once: its code already passed that check when it was
     # compiled, and second runs were a measurable part of a hit's load() (BENCHMARKS.md).

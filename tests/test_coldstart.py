@@ -45,7 +45,7 @@ def fake_compile(monkeypatch: pytest.MonkeyPatch, new_graphs: int) -> list[str]:
     calls: list[str] = []
     monkeypatch.setattr(coldstart, "compile_pipeline", lambda *args, **kwargs: (calls.append("compile"), None)[1])
 
-    def warm(engine: FluxEngine, runs: int) -> WarmupReport:
+    def warm(engine: FluxEngine, runs: int, dynamic_shapes: list | None = None) -> WarmupReport:
         calls.append("warm_up")
         return WarmupReport(
             {"1024x1024@256": 0.1}, CompileCounters(graphs=3, fxgraph_misses=new_graphs, fxgraph_hits=0)

@@ -20,12 +20,14 @@ from bench.cold_start import run_state
 
 pytestmark = pytest.mark.slow
 
-# Two served sizes prove that no size recompiles; small ones keep a CPU compile short.
+# Two served sizes prove that no size recompiles; small ones keep a CPU compile short. The dynamic-shape graph
+# has its own tests (test_dynamic_sizes.py): here it would only double every compile.
 ENV = {
     "FLUX_MODEL_SOURCE": "tiny",
     "FLUX_RESOLUTIONS": "256x256,512x256",
     "FLUX_TEXT_LENGTHS": "256",
     "FLUX_WARMUP_RUNS": "2",
+    "FLUX_COMPILE_ANY_SIZE": "0",
 }
 
 
@@ -82,7 +84,12 @@ def test_no_request_compiles_after_warm_up(miss_then_hit: tuple[dict, dict]) -> 
 # --- a partial hit through the real b10-transfer ---------------------------------------------------
 
 # One warm-up run and no VAE compile keep each start's compile short on a CPU.
-PARTIAL_ENV = {"FLUX_TEXT_LENGTHS": "256", "FLUX_COMPILE_VAE": "0", "FLUX_WARMUP_RUNS": "1"}
+PARTIAL_ENV = {
+    "FLUX_TEXT_LENGTHS": "256",
+    "FLUX_COMPILE_VAE": "0",
+    "FLUX_WARMUP_RUNS": "1",
+    "FLUX_COMPILE_ANY_SIZE": "0",
+}
 
 
 def start(resolutions: str, key: str, b10fs_root: str) -> dict:

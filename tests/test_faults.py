@@ -32,6 +32,7 @@ COMPILED = {
     "FLUX_TEXT_LENGTHS": "256",
     "FLUX_COMPILE_VAE": "0",
     "FLUX_WARMUP_RUNS": "1",
+    "FLUX_COMPILE_ANY_SIZE": "0",
     "FLUX_MODEL_SOURCE": "tiny",
 }
 BODY = {"prompt": "a lighthouse", "width": 256, "height": 256, "seed": 3}

@@ -1,0 +1,108 @@
+"""Sizes without a static graph run on one dynamic-shape graph, compiled and warmed up at load(): no request compiles.
+
+The real compiler on the tiny model, the production path (precompiled static regions beside the dynamic graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from model.coldstart import CompileCounters
+from model.engine import FluxEngine, Job
+from model.graph_route import on_dynamic_graph
+from model.model import Model
+from model.resolutions import Resolution
+from model.settings import config_metadata
+
+pytestmark = pytest.mark.slow
+
+ENV = {
+    "FLUX_MODEL_SOURCE": "tiny",
+    "FLUX_COMPILE": "1",
+    "FLUX_RESOLUTIONS": "1024x1024",
+    "FLUX_TEXT_LENGTHS": "256,512",
+    "FLUX_CACHE_BACKEND": "none",
+    "FLUX_WARMUP_RUNS": "2",
+}
+STATIC = Resolution(1024, 1024)
+# Never warmed up: the smallest square, a near-2-megapixel landscape, the narrowest portrait, an odd one.
+UNSEEN = [
+    (Resolution(256, 256), 256),
+    (Resolution(1536, 1296), 512),
+    (Resolution(272, 1536), 256),
+    (Resolution(1008, 784), 512),
+]
+
+
+def job(size: Resolution, text_length: int, seed: int = 3) -> Job:
+    return Job("a red bicycle", None, size, seed, 2, text_length, text_length)
+
+
+def pixels(engine: FluxEngine, size: Resolution, text_length: int) -> np.ndarray:
+    return np.asarray(engine.run(job(size, text_length)))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Model, np.ndarray]]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        for key, value in ENV.items():
+            patch.setenv(key, value)
+        model = Model(config={"model_metadata": config_metadata()})
+        model.load()
+        # Before any size without a static graph has run.
+        static_image = pixels(model._engine, STATIC, 256)
+        yield model, static_image
+    torch.compiler.set_stance("default")
+
+
+def test_load_warms_up_the_dynamic_graph_and_checks_it(served: tuple[Model, np.ndarray]) -> None:
+    report = served[0].cold_start
+    assert report.compiled and report.eager_fallback_reason is None
+    shapes = report.warmup.runs_per_shape
+    assert {"1152x640@256", "640x1152@512", "512x512@256", "1008x784@512"} <= set(shapes)
+    assert shapes["1008x784@512"] == 1, "the check size compiled something: the dynamic graph specialized"
+
+
+def test_sizes_never_seen_compile_nothing(served: tuple[Model, np.ndarray]) -> None:
+    engine = served[0]._engine
+    before = CompileCounters.now()
+    # A guard that fails would recompile, or run eagerly under the serving stance: here it raises.
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for size, text_length in UNSEEN:
+            image = engine.run(job(size, text_length))
+            assert image.size == (size.width, size.height)
+    assert CompileCounters.now() - before == CompileCounters(0, 0, 0, 0, 0)
+
+
+def test_a_static_size_keeps_its_own_graph_after_other_sizes(served: tuple[Model, np.ndarray]) -> None:
+    model, static_image = served
+    model._engine.run(job(Resolution(1200, 816), 512))
+    assert np.array_equal(pixels(model._engine, STATIC, 256), static_image)
+
+
+def test_a_size_without_a_static_graph_gives_the_same_image_each_time(served: tuple[Model, np.ndarray]) -> None:
+    engine = served[0]._engine
+    assert np.array_equal(pixels(engine, Resolution(272, 1536), 256), pixels(engine, Resolution(272, 1536), 256))
+
+
+def test_only_sizes_without_a_static_graph_take_the_dynamic_route(
+    engine: FluxEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routes: list[bool] = []
+    real = engine.denoise
+
+    def denoise(*args, **kwargs):
+        routes.append(on_dynamic_graph())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "denoise", denoise)
+    static = next(iter(engine.resolutions))
+    engine.run(job(static, engine.text_lengths[0]))
+    engine.run(job(Resolution(512, 512), engine.text_lengths[0]))
+    assert routes == [False, True]
+    assert not on_dynamic_graph(), "the route ends with the request"
