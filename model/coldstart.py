@@ -43,9 +43,9 @@ WARMUP_STEPS = 1
 # non-square, so Dynamo gives width and height their own symbols, and its token count (width/16 * height/16) is
 # neither text length, so no image dimension is tied to the text's.
 DYNAMIC_WARMUP_SIZES = (Resolution(1152, 640), Resolution(896, 512), Resolution(640, 384))
-# The convolutions branch on the latent's area (about a third of a megapixel on the tiny model's CPU run), so a
-# small size compiles the graph for the other side of that branch.
-DYNAMIC_SMALL_SIZE = Resolution(512, 512)
+# The convolutions pick their kernel by size (on a CPU, a smaller one below about a third of a megapixel), and
+# Dynamo guards on that choice: a small size compiles the graph for the other side. Non-square, as above.
+DYNAMIC_SMALL_SIZE = Resolution(512, 384)
 # Then a size never warmed up, at the other text length, must run without compiling anything.
 DYNAMIC_CHECK_SIZE = Resolution(1008, 784)
 
@@ -214,8 +214,8 @@ def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
 
     A size without a static graph at the first text length (its first run compiles a static graph of the dynamic
     function), the same size turned the other way at the last text length (every size-dependent dimension now
-    differs, so this run compiles the one dynamic graph), a small square size for the branch the convolutions take
-    below a third of a megapixel, then a size none of them covers, which must compile nothing.
+    differs, so this run compiles the one dynamic graph), a small size for the kernel the convolutions pick below
+    about a third of a megapixel, then a size none of them covers, which must compile nothing.
     """
     first, last = engine.text_lengths[0], engine.text_lengths[-1]
     size = next(r for r in DYNAMIC_WARMUP_SIZES if not {r, Resolution(r.height, r.width)} & set(engine.resolutions))

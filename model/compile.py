@@ -31,7 +31,8 @@ def compile_pipeline(
     `shapes` is the number of served (resolution, text length) pairs: each is its own static graph. Precompiled
     functions are saved in `artifacts.precompiled_dir`, kept per cache key as the archives are.
     """
-    allow_recompiles(2 * shapes)
+    # Two graphs per static shape at most, and the dynamic function's warm-up adds up to three per region.
+    allow_recompiles(2 * shapes + 3)
     # A previous load() in this process sealed its graphs (model.coldstart); this one compiles.
     torch.compiler.set_stance("default")
 
@@ -95,10 +96,10 @@ def _add_dynamic_graphs(regions: list[torch.nn.Module], mode: str | None) -> Non
     """Give each region a second compiled function, for the sizes that have no static graph; its eager forward
     when `mode` is None (`compile_any_size` off).
 
-    It compiles the class's own `forward`, a code object the static functions never run through, so Dynamo keeps
-    its graphs apart from theirs. `dynamic=None`: its first size compiles static, and the second, which differs in
-    every size-dependent dimension, compiles the one graph with exactly those dimensions symbolic (model.coldstart
-    picks those warm-up sizes).
+    It compiles the class's `forward` with its own torch.compile, whose cache entries Dynamo never hands to another
+    torch.compile's calls (its backend check), so the route alone decides which graph a size runs on.
+    `dynamic=None`: its first size compiles static, and the second, which differs in every size-dependent
+    dimension, compiles one graph with exactly those dimensions symbolic (model.coldstart picks those warm-up sizes).
     """
     dynamic: dict[type, Callable[..., Any]] = {}
     for module in regions:
