@@ -62,7 +62,7 @@ class Model:
             settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
         )
         optimize(pipe, settings.optimizations)
-        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
+        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes)
         weights_s = time.perf_counter() - started
         self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s

@@ -36,7 +36,9 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> FluxEngine:
-    return FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
+    return FluxEngine(
+        load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths, settings.sizes
+    )
 
 
 def decode_jpeg(data: str) -> Image.Image:
