@@ -41,12 +41,17 @@ def engine(settings: Settings) -> FluxEngine:
     )
 
 
-def decode_jpeg(data: str) -> Image.Image:
+def decode_image(data: str, output_format: str = "jpeg") -> Image.Image:
+    """A response's base64 image, checked to be in `output_format` (a request's name for it)."""
     raw = base64.b64decode(data, validate=True)
     image = Image.open(io.BytesIO(raw))
     image.load()
-    assert image.format == "JPEG"
+    assert image.format == output_format.upper()
     return image
+
+
+def decode_jpeg(data: str) -> Image.Image:
+    return decode_image(data, "jpeg")
 
 
 class LogRecorder(logging.Handler):
