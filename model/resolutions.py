@@ -109,10 +109,14 @@ class ResolutionRegistry:
 
 
 class AspectRatios(Mapping[str, Resolution]):
-    """The aspect-ratio registry: a name such as "16:9" for a size of about one megapixel, in a fixed order."""
+    """The aspect-ratio registry: a name such as "16:9" for a size of about one megapixel, widest first.
+
+    The order is the sizes' own, not the source's: the config Truss builds is written with yaml.safe_dump, which
+    sorts every mapping's keys.
+    """
 
     def __init__(self, sizes: Mapping[str, Resolution]) -> None:
-        self._sizes = dict(sizes)
+        self._sizes = dict(sorted(sizes.items(), key=lambda item: item[1].height / item[1].width))
         if not self._sizes:
             raise ValueError("at least one aspect ratio must be given")
         for name, size in self._sizes.items():

@@ -214,15 +214,15 @@ class CacheSettings:
 # The sizes FLUX.1 services commonly offer (those of replicate's cog-flux): about one megapixel each, on the 16-grid.
 DEFAULT_ASPECT_RATIOS = AspectRatios.parse(
     {
-        "1:1": "1024x1024",
-        "16:9": "1344x768",
         "21:9": "1536x640",
+        "16:9": "1344x768",
         "3:2": "1216x832",
-        "2:3": "832x1216",
-        "4:5": "896x1088",
-        "5:4": "1088x896",
-        "3:4": "896x1152",
         "4:3": "1152x896",
+        "5:4": "1088x896",
+        "1:1": "1024x1024",
+        "4:5": "896x1088",
+        "3:4": "896x1152",
+        "2:3": "832x1216",
         "9:16": "768x1344",
         "9:21": "640x1536",
     }

@@ -244,6 +244,12 @@ def test_unquoted_aspect_ratios_in_yaml_are_refused_with_the_fix() -> None:
         Settings.from_sources({**config_metadata(), "aspect_ratios": ratios}, environ={})
 
 
-def test_aspect_ratios_from_the_environment_keep_their_order() -> None:
-    ratios = Settings.from_sources(environ={"FLUX_ASPECT_RATIOS": "3:2=1216x832,1:1=1024x1024"}).sizes.aspect_ratios
-    assert list(ratios.items()) == [("3:2", Resolution(1216, 832)), ("1:1", Resolution(1024, 1024))]
+def test_aspect_ratios_are_ordered_widest_first_whatever_their_source_order() -> None:
+    environ = {"FLUX_ASPECT_RATIOS": "2:3=832x1216,1:1=1024x1024,3:2=1216x832"}
+    ratios = Settings.from_sources(environ=environ).sizes.aspect_ratios
+    assert list(ratios.items()) == [
+        ("3:2", Resolution(1216, 832)),
+        ("1:1", Resolution(1024, 1024)),
+        ("2:3", Resolution(832, 1216)),
+    ]
+    assert list(Settings.from_sources(environ={}).sizes.aspect_ratios)[:3] == ["21:9", "16:9", "3:2"]
