@@ -47,7 +47,7 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Job:
-    """Everything that determines the image; equal jobs give identical bytes."""
+    """Everything that determines the images; equal jobs give identical bytes."""
 
     prompt: str
     prompt2: str | None
@@ -56,6 +56,7 @@ class Job:
     steps: int
     max_tokens: int
     text_length: int
+    # A job built without a request (the warm-up's) makes one image and never encodes it: the request defaults.
     num_outputs: int = 1
     output_format: OutputFormat = "jpeg"
     output_quality: int = DEFAULT_OUTPUT_QUALITY

@@ -67,7 +67,7 @@ class Model:
         self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s
         self._engine = engine
-        log.info("serving %s at %s", settings.model_source, settings.resolutions)
+        log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.sizes.bounds)
 
     async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
         """Refuse a body over MAX_BODY_BYTES, measured on the bytes received: a chunked body declares no length.
