@@ -178,7 +178,8 @@ def child(
         torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pixels = np.asarray(engine.run(job), dtype=np.float64)
+        [image] = engine.run(job)
+        pixels = np.asarray(image, dtype=np.float64)
     if cuda:
         torch.cuda.set_sync_debug_mode(0)
         result["host_syncs_per_image"] = sum("synchronizing" in str(w.message) for w in caught)

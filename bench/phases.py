@@ -1,6 +1,7 @@
 """Phase timing attached to an engine from outside, as flux-fast's `annotate` attaches profiling.
 
-The engine runs a request in named phases (FluxEngine.encode_text, denoise, decode, respond). `timed_phases`
+The engine runs a request in named phases (FluxEngine.encode_text, denoise, decode, respond; denoise and decode
+once per image). `timed_phases`
 wraps those methods on one engine instance for the duration of a `with` block, synchronizing the GPU at each
 phase's end so the seconds are the GPU's too, and records one dict per request. Nothing in the engine knows:
 a benchmark times its own engine, one request at a time, so no request can write another's figures.
@@ -57,9 +58,11 @@ def timed_phases(engine: FluxEngine, memory: bool = False) -> Iterator[list[dict
             started = time.perf_counter()
             result = method(*args, **kwargs)
             _synchronize()
-            current[phase] = time.perf_counter() - started
+            # A request for several images denoises and decodes once per image: its figures are the sum and the peak.
+            current[phase] = current.get(phase, 0.0) + time.perf_counter() - started
             if memory:
-                current[phase.removesuffix("_s") + "_peak_gib"] = _peak_gib()
+                peak = phase.removesuffix("_s") + "_peak_gib"
+                current[peak] = max(current.get(peak, 0.0), _peak_gib())
             if method_name == "respond":  # the last phase of a request
                 requests.append(dict(current))
                 current.clear()

@@ -218,8 +218,16 @@ def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
     about a third of a megapixel, then a size none of them covers, which must compile nothing.
     """
     first, last = engine.text_lengths[0], engine.text_lengths[-1]
-    size = next(r for r in DYNAMIC_WARMUP_SIZES if not {r, Resolution(r.height, r.width)} & set(engine.resolutions))
-    return [(size, first), (size.transposed(), last), (DYNAMIC_SMALL_SIZE, first), (DYNAMIC_CHECK_SIZE, last)]
+
+    def servable(size: Resolution) -> bool:
+        return engine.sizes.bounds.problem(size.width, size.height) is None and not engine.is_static(size)
+
+    size = next((r for r in DYNAMIC_WARMUP_SIZES if servable(r) and servable(r.transposed())), None)
+    if size is None:
+        log.warning("no dynamic warm-up size fits this deployment's bounds: the dynamic-shape graph is not warmed up")
+        return []
+    shapes = [(size, first), (size.transposed(), last), (DYNAMIC_SMALL_SIZE, first), (DYNAMIC_CHECK_SIZE, last)]
+    return [(r, n) for r, n in shapes if servable(r)]
 
 
 def warm_up(

@@ -1,8 +1,9 @@
-"""The inference engine: validated request in, base64 JPEG out. It knows nothing about HTTP.
+"""The inference engine: validated request in, base64 images out. It knows nothing about HTTP.
 
 A request runs in four named phases (`encode_text`, `denoise`, `decode`, `respond`), each a method, so that a
 benchmark can time them from outside by wrapping the methods of its own engine; the engine itself keeps no
-timing and no per-request state.
+timing and no per-request state. A request for several images encodes its text once, denoises and decodes each
+image in turn, and encodes them all in one `respond`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,20 @@ from PIL import Image
 
 from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
-from model.images import to_base64_jpeg
+from model.images import to_base64
 from model.prompts import encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
-from model.schema import MAX_SEED, SCHNELL_GUIDANCE, GenerateRequest, GenerateResponse
+from model.schema import (
+    DEFAULT_OUTPUT_QUALITY,
+    DEFAULT_SIDE,
+    MAX_SEED,
+    SCHNELL_GUIDANCE,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    OutputFormat,
+)
+from model.settings import SizeSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +48,7 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class Job:
-    """Everything that determines the image; equal jobs give identical bytes."""
+    """Everything that determines the images; equal jobs give identical bytes."""
 
     prompt: str
     prompt2: str | None
@@ -46,31 +57,59 @@ class Job:
     steps: int
     max_tokens: int
     text_length: int
+    # A job built without a request (the warm-up's) makes one image and never encodes it: the request defaults.
+    num_outputs: int = 1
+    output_format: OutputFormat = "jpeg"
+    output_quality: int = DEFAULT_OUTPUT_QUALITY
+
+    @property
+    def seeds(self) -> range:
+        """Each image's seed, in order: image i uses seed + i, so image 0 is the single-image request's."""
+        return range(self.seed, self.seed + self.num_outputs)
 
 
 class FluxEngine:
-    def __init__(self, pipe: FluxPipeline, resolutions: ResolutionRegistry, text_lengths: Iterable[int]) -> None:
+    def __init__(
+        self,
+        pipe: FluxPipeline,
+        resolutions: ResolutionRegistry,
+        text_lengths: Iterable[int],
+        sizes: SizeSettings | None = None,
+    ) -> None:
         self.pipe = pipe
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
+        # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
+        self.sizes = sizes if sizes is not None else SizeSettings()
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
     def shapes(self) -> list[tuple[Resolution, int]]:
-        """Every (resolution, text length) the transformer sees: one static graph each."""
+        """Every (static resolution, text length) compiled and warmed up at load: one static graph each."""
         return [(r, n) for r in self.resolutions for n in self.text_lengths]
+
+    def is_static(self, resolution: Resolution) -> bool:
+        """Whether `resolution` has its own static graphs; any other valid size runs on graphs not specialised to it."""
+        return resolution in self.resolutions
+
+    def resolution_for(self, request: GenerateRequest) -> Resolution:
+        """The size a request asks for, by aspect ratio or by width and height, or InvalidRequest naming the field."""
+        if request.aspect_ratio is not None:
+            ratios = self.sizes.aspect_ratios
+            if request.aspect_ratio not in ratios:
+                raise InvalidRequest(
+                    "aspect_ratio", f"{request.aspect_ratio!r} is not one of {', '.join(ratios)} on this deployment"
+                )
+            return ratios[request.aspect_ratio]
+        width = DEFAULT_SIDE if request.width is None else request.width
+        height = DEFAULT_SIDE if request.height is None else request.height
+        if problem := self.sizes.bounds.problem(width, height):
+            raise InvalidRequest(*problem)
+        return Resolution(width, height)
 
     def job_for(self, request: GenerateRequest) -> Job:
         """Apply the deployment's rules to a parsed request, raising InvalidRequest for what it cannot serve."""
-        try:
-            resolution: Resolution | None = Resolution(request.width, request.height)
-        except ValueError:
-            resolution = None
-        if resolution is None or resolution not in self.resolutions:
-            raise InvalidRequest(
-                "width/height",
-                f"{request.width}x{request.height} is not served; served sizes (width x height): {self.resolutions}",
-            )
+        resolution = self.resolution_for(request)
         fitting = [n for n in self.text_lengths if n >= request.max_sequence_length]
         if not fitting:
             raise InvalidRequest("max_sequence_length", f"must be at most {self.text_lengths[-1]} on this deployment")
@@ -80,7 +119,8 @@ class FluxEngine:
                 request.guidance_scale,
                 SCHNELL_GUIDANCE,
             )
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        # A random seed leaves room for every image's: the last, seed + num_outputs - 1, is still a valid seed.
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 2 - request.num_outputs)
         return Job(
             prompt=request.prompt,
             prompt2=request.prompt2,
@@ -89,6 +129,9 @@ class FluxEngine:
             steps=request.num_inference_steps,
             max_tokens=request.max_sequence_length,
             text_length=fitting[0],
+            num_outputs=request.num_outputs,
+            output_format=request.output_format,
+            output_quality=request.output_quality,
         )
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
@@ -96,19 +139,19 @@ class FluxEngine:
         return self.respond(job, self.run(job))
 
     @torch.inference_mode()
-    def run(self, job: Job) -> Image.Image:
+    def run(self, job: Job) -> list[Image.Image]:
+        """The job's images in seed order, one after another, from one text encoding."""
         # A size compiled statically runs its own graph; any other runs the dynamic-shape one (model.compile).
-        with self._lock, dynamic_graph(job.resolution not in self.resolutions):
+        with self._lock, dynamic_graph(not self.is_static(job.resolution)):
             embeds, pooled = self.encode_text(job)
-            latents = self.denoise(job, embeds, pooled)
-            return self.decode(latents, job.resolution)
+            return [self.decode(self.denoise(job, embeds, pooled, seed), job.resolution) for seed in job.seeds]
 
     def encode_text(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
 
-    def denoise(self, job: Job, embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def denoise(self, job: Job, embeds: torch.Tensor, pooled: torch.Tensor, seed: int) -> torch.Tensor:
         # A CPU generator gives the same noise for a seed on every device.
-        generator = torch.Generator("cpu").manual_seed(job.seed)
+        generator = torch.Generator("cpu").manual_seed(seed)
         return self.pipe(
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
@@ -128,7 +171,16 @@ class FluxEngine:
         pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
-    def respond(self, job: Job, image: Image.Image) -> GenerateResponse:
+    def respond(self, job: Job, images: list[Image.Image]) -> GenerateResponse:
+        encoded = [
+            GeneratedImage(data=to_base64(image, job.output_format, job.output_quality), seed=seed)
+            for image, seed in zip(images, job.seeds, strict=True)
+        ]
         return GenerateResponse(
-            data=to_base64_jpeg(image), seed=job.seed, width=job.resolution.width, height=job.resolution.height
+            data=encoded[0].data,
+            seed=job.seed,
+            width=job.resolution.width,
+            height=job.resolution.height,
+            format=job.output_format,
+            images=encoded,
         )

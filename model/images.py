@@ -1,4 +1,4 @@
-"""Images to the bytes a response carries: base64 JPEG."""
+"""Images to the bytes a response carries: base64 JPEG, PNG or WebP."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import io
 
 from PIL import Image
 
-JPEG_QUALITY = 90
+from model.schema import OutputFormat
 
 
-def to_base64_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> str:
+def to_base64(image: Image.Image, output_format: OutputFormat, quality: int) -> str:
+    """The image encoded in `output_format`; `quality` applies to the lossy ones (jpeg, webp), png ignores it."""
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    rgb = image.convert("RGB")
+    if output_format == "png":
+        rgb.save(buffer, format="PNG")
+    else:
+        rgb.save(buffer, format=output_format.upper(), quality=quality)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -62,12 +62,12 @@ class Model:
             settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
         )
         optimize(pipe, settings.optimizations)
-        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
+        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes)
         weights_s = time.perf_counter() - started
         self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s
         self._engine = engine
-        log.info("serving %s at %s", settings.model_source, settings.resolutions)
+        log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.sizes.bounds)
 
     async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
         """Refuse a body over MAX_BODY_BYTES, measured on the bytes received: a chunked body declares no length.

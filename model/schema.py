@@ -2,17 +2,17 @@
 
 Truss parses the body into `GenerateRequest` before predict runs, so a wrong type, a missing or
 unknown field, or an out-of-range value is answered with HTTP 400 naming the field, and the
-schema is published at /v1/models/model/schema. Checks that depend on the deployment (the served
-sizes and text lengths) run in the engine, which knows them, and also answer 400.
+schema is published at /v1/models/model/schema. Checks that depend on the deployment (the size bounds,
+the aspect-ratio registry and the text lengths) run in the engine, which knows them, and also answer 400.
 """
 
 from __future__ import annotations
 
 import math
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # Defaults of FLUX.1-schnell: timestep-distilled for 4 steps without classifier-free guidance.
 DEFAULT_SIDE = 1024
@@ -22,6 +22,10 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 256
 MAX_SEQUENCE_LENGTH = 512  # T5's positional limit in FLUX.1
 SCHNELL_GUIDANCE = 0.0
 MAX_SEED = 2**32 - 1
+MAX_OUTPUTS = 4
+OutputFormat = Literal["jpeg", "png", "webp"]
+# The JPEG quality of every response before output_quality existed: the default keeps those bytes.
+DEFAULT_OUTPUT_QUALITY = 90
 # Checked before tokenization, so a multi-megabyte prompt never reaches the tokenizer.
 MAX_PROMPT_CHARS = 4000
 # The largest valid body (two 4000-character prompts of escaped astral characters) is under 100 KB.
@@ -41,9 +45,30 @@ class GenerateRequest(BaseModel):
         max_length=MAX_PROMPT_CHARS,
         description="Prompt for the T5 encoder; the CLIP encoder always reads `prompt`. Defaults to `prompt`.",
     )
-    width: int = Field(default=DEFAULT_SIDE, description="Must form a served size together with height.")
-    height: int = Field(default=DEFAULT_SIDE, description="Must form a served size together with width.")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when omitted; 0 is valid.")
+    width: int | None = Field(
+        default=None,
+        description=f"A multiple of 16 within the deployment's bounds; {DEFAULT_SIDE} unless aspect_ratio is given.",
+    )
+    height: int | None = Field(
+        default=None,
+        description=f"A multiple of 16 within the deployment's bounds; {DEFAULT_SIDE} unless aspect_ratio is given.",
+    )
+    # Declared after width and height, whose values its check reads.
+    aspect_ratio: str | None = Field(
+        default=None,
+        max_length=16,
+        description="A name from the deployment's registry, e.g. '16:9', instead of width and height.",
+    )
+    # Declared before seed, whose check reads it.
+    num_outputs: int = Field(
+        default=1, ge=1, le=MAX_OUTPUTS, description="Images generated one after another; image i uses seed + i."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random when omitted; 0 is valid. Every image's seed, seed + num_outputs - 1, must be valid too.",
+    )
     guidance_scale: float = Field(
         default=SCHNELL_GUIDANCE,
         allow_inf_nan=False,
@@ -55,6 +80,10 @@ class GenerateRequest(BaseModel):
         ge=1,
         le=MAX_SEQUENCE_LENGTH,
         description="T5 tokens kept from the prompt; longer prompts are truncated by tokens.",
+    )
+    output_format: OutputFormat = Field(default="jpeg", description="The encoding of every image.")
+    output_quality: int = Field(
+        default=DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="For jpeg and webp; png is lossless and ignores it."
     )
 
     @classmethod
@@ -71,7 +100,33 @@ class GenerateRequest(BaseModel):
             raise ValueError("prompt must not be blank")
         return value
 
-    @field_validator("width", "height", "seed", "num_inference_steps", "max_sequence_length", mode="before")
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _not_with_a_size(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (info.data.get("width") is not None or info.data.get("height") is not None):
+            raise ValueError("give either aspect_ratio or width and height, not both")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _room_for_every_image(cls, value: int | None, info: ValidationInfo) -> int | None:
+        count = info.data.get("num_outputs", 1)
+        if value is not None and value + count - 1 > MAX_SEED:
+            raise ValueError(
+                f"image i uses seed + i, so with num_outputs {count} the seed must be at most {MAX_SEED - count + 1}"
+            )
+        return value
+
+    @field_validator(
+        "width",
+        "height",
+        "num_outputs",
+        "seed",
+        "num_inference_steps",
+        "max_sequence_length",
+        "output_quality",
+        mode="before",
+    )
     @classmethod
     def _no_bool_or_fraction(cls, value: object) -> object:
         # JSON true would otherwise pass as 1, and 1024.5 be rejected with a less clear message.
@@ -106,8 +161,15 @@ def _decimal_integer(value: Decimal) -> int:
     return int(value)
 
 
+class GeneratedImage(BaseModel):
+    data: str = Field(description="The image, base64-encoded in the response's format.")
+    seed: int = Field(description="This image's seed: a single-image request with it returns the same bytes.")
+
+
 class GenerateResponse(BaseModel):
-    data: str = Field(description="The image as a base64-encoded JPEG.")
-    seed: int = Field(description="The seed used; send it back to get the same image.")
+    data: str = Field(description="The first image, base64-encoded in `format`: the same as images[0].data.")
+    seed: int = Field(description="The seed used; send it back to get the same images.")
     width: int
     height: int
+    format: OutputFormat
+    images: list[GeneratedImage] = Field(description="Every image in order; image i used seed + i.")

@@ -26,7 +26,15 @@ from model.precision import (
     choose_precision,
     choose_text_encoder_precision,
 )
-from model.resolutions import ResolutionRegistry
+from model.resolutions import (
+    ABSOLUTE_MAX_SIDE,
+    MEGAPIXEL_TOLERANCE,
+    RATIO_TOLERANCE,
+    SIDE_MULTIPLE,
+    AspectRatios,
+    ResolutionRegistry,
+    SizeBounds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,22 @@ def _parse_resolutions(value: Any) -> Any:
     return ResolutionRegistry.parse(str(text) for text in _comma_separated(value))
 
 
+def _parse_aspect_ratios(value: Any) -> Any:
+    if isinstance(value, AspectRatios):
+        return value
+    if not isinstance(value, Mapping | str):
+        raise ValueError("must map each aspect ratio to WIDTHxHEIGHT")
+    return AspectRatios.parse(value)
+
+
 def _sorted_unique(values: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
 Resolutions = Annotated[ResolutionRegistry, BeforeValidator(_parse_resolutions)]
+AspectRatioRegistry = Annotated[AspectRatios, BeforeValidator(_parse_aspect_ratios)]
+Side = Annotated[int, pydantic.Field(ge=SIDE_MULTIPLE, le=ABSOLUTE_MAX_SIDE)]
+Megapixels = Annotated[float, pydantic.Field(gt=0, allow_inf_nan=False)]
 TextLengths = Annotated[tuple[int, ...], BeforeValidator(_comma_separated), AfterValidator(_sorted_unique)]
 OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
 OptionalName = Annotated[str | None, BeforeValidator(_empty_is_none)]
@@ -200,6 +219,49 @@ class CacheSettings:
     )
 
 
+# The sizes FLUX.1 services commonly offer (those of replicate's cog-flux): about one megapixel each, on the 16-grid.
+DEFAULT_ASPECT_RATIOS = AspectRatios.parse(
+    {
+        "21:9": "1536x640",
+        "16:9": "1344x768",
+        "3:2": "1216x832",
+        "4:3": "1152x896",
+        "5:4": "1088x896",
+        "1:1": "1024x1024",
+        "4:5": "896x1088",
+        "3:4": "896x1152",
+        "2:3": "832x1216",
+        "9:16": "768x1344",
+        "9:21": "640x1536",
+    }
+)
+
+
+@dataclass(frozen=True)
+class SizeSettings:
+    """Which sizes a request may ask for (model.engine); `resolutions` are the ones among them compiled statically.
+
+    Every `resolutions` and `aspect_ratios` entry must lie inside the bounds: checked when the settings load.
+    """
+
+    min_side: Side = setting("min_side", 256, meaning="the smallest width or height a request may ask for")
+    # 1536 is the longest side of the aspect-ratio registry; 2 megapixels bounds one image's memory and time.
+    max_side: Side = setting("max_side", 1536, meaning="the largest width or height a request may ask for")
+    max_megapixels: Megapixels = setting(
+        "max_megapixels", 2.0, meaning="the largest width x height a request may ask for, in millions of pixels"
+    )
+    aspect_ratios: AspectRatioRegistry = setting(
+        "aspect_ratios",
+        DEFAULT_ASPECT_RATIOS,
+        meaning="each `aspect_ratio` a request may name, with its `WIDTHxHEIGHT`: about one megapixel (within "
+        f"{MEGAPIXEL_TOLERANCE:.0%}), its sides in the named ratio (within {RATIO_TOLERANCE:.0%})",
+    )
+
+    @property
+    def bounds(self) -> SizeBounds:
+        return SizeBounds(self.min_side, self.max_side, self.max_megapixels)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     repo_id: str = setting(
@@ -215,11 +277,14 @@ class Settings:
     )
     weights_path: OptionalPath = setting("weights_path", None, meaning="where config.yaml's `weights:` mounts the repo")
     resolutions: Resolutions = setting(
-        "resolutions", meaning="every served `WIDTHxHEIGHT`; each is compiled and warmed up, any other size gets a 400"
+        "resolutions",
+        meaning="the `WIDTHxHEIGHT`s compiled as static graphs and warmed up at load; any other size within "
+        "`min_side`, `max_side` and `max_megapixels` is served by a graph not specialised to it",
     )
     text_lengths: TextLengths = setting(
         "text_lengths", meaning="T5 sequence lengths compiled for each size; a request's length rounds up to one"
     )
+    sizes: SizeSettings = field(default_factory=SizeSettings)
     compile: CompileSettings = field(default_factory=CompileSettings)
     optimizations: Optimizations = field(default_factory=Optimizations)
     cache: CacheSettings = field(default_factory=CacheSettings)
@@ -355,7 +420,29 @@ def validate(raw: Raw) -> dict[str, Any]:
             else:
                 problems.append(f"{key} (not given): {error['msg']}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None
-    return settle(dict(parsed))
+    values = dict(parsed)
+    if problems := _sizes_outside_bounds(values, raw.origins):
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    return settle(values)
+
+
+def _sizes_outside_bounds(values: Mapping[str, Any], origins: Mapping[str, str]) -> list[str]:
+    """Each size of `resolutions` and `aspect_ratios` that a request could not ask for, by name and source."""
+    bounds = SizeBounds(values["min_side"], values["max_side"], values["max_megapixels"])
+    if bounds.min_side > bounds.max_side:
+        return [f"min_side={bounds.min_side} is more than max_side={bounds.max_side}"]
+    sizes = {
+        "resolutions": {str(r): r for r in values["resolutions"]},
+        "aspect_ratios": {f"{name}={r}": r for name, r in values["aspect_ratios"].items()},
+    }
+    problems = []
+    for key, entries in sizes.items():
+        for label, size in entries.items():
+            if problem := bounds.problem(size.width, size.height):
+                field_name, rule = problem
+                source = origins.get(key, "the default")
+                problems.append(f"{key} {label} (from {source}) is outside the size bounds: {field_name} {rule}")
+    return problems
 
 
 @dataclass(frozen=True)

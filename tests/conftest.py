@@ -36,15 +36,22 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> FluxEngine:
-    return FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
+    return FluxEngine(
+        load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths, settings.sizes
+    )
 
 
-def decode_jpeg(data: str) -> Image.Image:
+def decode_image(data: str, output_format: str = "jpeg") -> Image.Image:
+    """A response's base64 image, checked to be in `output_format` (a request's name for it)."""
     raw = base64.b64decode(data, validate=True)
     image = Image.open(io.BytesIO(raw))
     image.load()
-    assert image.format == "JPEG"
+    assert image.format == output_format.upper()
     return image
+
+
+def decode_jpeg(data: str) -> Image.Image:
+    return decode_image(data, "jpeg")
 
 
 class LogRecorder(logging.Handler):

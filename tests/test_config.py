@@ -78,6 +78,15 @@ def test_readme_table_lists_the_served_sizes() -> None:
     assert table in (ROOT / "README.md").read_text()
 
 
+def test_readme_states_the_size_rule_and_lists_the_aspect_ratios() -> None:
+    sizes = Settings.from_sources(environ={}).sizes
+    readme = (ROOT / "README.md").read_text()
+    assert sizes.aspect_ratios.markdown_table() in readme, (
+        "regenerate with settings.sizes.aspect_ratios.markdown_table()"
+    )
+    assert f"    {sizes.bounds}\n" in readme
+
+
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Truss's generated build context, laid out as the image's /app; generated once for the tests below."""

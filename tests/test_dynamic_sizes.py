@@ -43,7 +43,8 @@ def job(size: Resolution, text_length: int, seed: int = 3) -> Job:
 
 
 def pixels(engine: FluxEngine, size: Resolution, text_length: int) -> np.ndarray:
-    return np.asarray(engine.run(job(size, text_length)))
+    [image] = engine.run(job(size, text_length))
+    return np.asarray(image)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_sizes_never_seen_compile_nothing(served: tuple[Model, np.ndarray]) -> N
     # A guard that fails would recompile, or run eagerly under the serving stance: here it raises.
     with torch.compiler.set_stance("fail_on_recompile"):
         for size, text_length in UNSEEN:
-            image = engine.run(job(size, text_length))
+            [image] = engine.run(job(size, text_length))
             assert image.size == (size.width, size.height)
     assert CompileCounters.now() - before == CompileCounters(0, 0, 0, 0, 0)
 

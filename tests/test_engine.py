@@ -1,7 +1,10 @@
-"""What a user sees of generation: identical bytes per seed, the guidance reset, truncation by tokens, JPEGs."""
+"""What a user sees of generation: identical bytes per seed, the guidance reset, truncation by tokens, the images'
+number and formats."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 
 import pytest
@@ -9,10 +12,35 @@ import torch
 
 from model.engine import FluxEngine
 from model.prompts import clip_token_ids, encode_prompts, t5_token_ids
-from model.schema import MAX_PROMPT_CHARS, GenerateRequest
-from tests.conftest import LogRecorder, decode_jpeg
+from model.schema import MAX_OUTPUTS, MAX_PROMPT_CHARS, GenerateRequest
+from model.settings import config_metadata
+from tests.conftest import LogRecorder, decode_image, decode_jpeg
 
 SIZE = {"width": 1216, "height": 832}
+# A size with no static graph, small enough for several images on a CPU.
+SMALL = {"width": 256, "height": 512}
+
+# sha256 of the JPEG that the seed's example requests (the README's, with seed 42 where they give none, and
+# config.yaml's example_model_input) returned on the tiny model before the API grew any field: the defaults must
+# keep those bytes.
+EXAMPLE_BYTES = [
+    (
+        {"prompt": "a cozy reading nook with warm sunlight", "seed": 42},
+        "e1c5fb1101b2effe58b6b6c5e6dcd712464360a518444780374fca0e663cdf45",
+    ),
+    (
+        config_metadata()["example_model_input"],
+        "07732c80cc32887137af284b92a7a2fbd72bbaad77f418b3196df52f345bd77c",
+    ),
+    (
+        {
+            "prompt": "a modern living room, scandinavian style",
+            "prompt2": "with large windows and houseplants",
+            "seed": 42,
+        },
+        "78557a65280f546c489f3ecb558411ebf413907f940236dc01606e5ab81c1ebb",
+    ),
+]
 
 
 def generate(engine: FluxEngine, **fields) -> str:
@@ -38,15 +66,63 @@ def test_random_seed_is_returned_and_reproduces_the_image(engine: FluxEngine) ->
     assert first.data == generate(engine, prompt="x", seed=first.seed)
 
 
+@pytest.mark.parametrize(("body", "sha256"), EXAMPLE_BYTES)
+def test_the_examples_keep_their_bytes(engine: FluxEngine, body: dict, sha256: str) -> None:
+    response = engine.generate(GenerateRequest(**body))
+    assert hashlib.sha256(base64.b64decode(response.data)).hexdigest() == sha256
+    assert response.format == "jpeg"
+
+
+def test_image_zero_of_several_is_the_single_image_byte_for_byte(engine: FluxEngine) -> None:
+    several = engine.generate(GenerateRequest(prompt="a fox", seed=30, num_outputs=MAX_OUTPUTS, **SMALL))
+    assert [image.seed for image in several.images] == [30, 31, 32, 33]
+    assert several.seed == 30 and several.data == several.images[0].data
+    assert len({image.data for image in several.images}) == MAX_OUTPUTS
+    for index in (0, 2):
+        single = engine.generate(GenerateRequest(prompt="a fox", seed=30 + index, **SMALL))
+        assert single.images == [several.images[index]]
+        assert single.data == several.images[index].data
+
+
+def test_several_images_are_the_same_for_the_same_seed(engine: FluxEngine) -> None:
+    request = GenerateRequest(prompt="a fox", seed=5, num_outputs=2, output_format="png", **SMALL)
+    assert engine.generate(request) == engine.generate(request)
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "png", "webp"])
+def test_each_format_decodes_at_the_requested_size(engine: FluxEngine, output_format: str) -> None:
+    response = engine.generate(GenerateRequest(prompt="x", seed=2, num_outputs=2, output_format=output_format, **SMALL))
+    assert response.format == output_format
+    for image in response.images:
+        assert decode_image(image.data, output_format).size == (SMALL["width"], SMALL["height"])
+
+
+def test_quality_changes_the_lossy_formats_and_png_ignores_it(engine: FluxEngine) -> None:
+    def data(output_format: str, quality: int) -> str:
+        request = GenerateRequest(prompt="x", seed=6, output_format=output_format, output_quality=quality, **SMALL)
+        return engine.generate(request).data
+
+    assert data("jpeg", 90) == engine.generate(GenerateRequest(prompt="x", seed=6, **SMALL)).data
+    for lossy in ("jpeg", "webp"):
+        assert len(base64.b64decode(data(lossy, 10))) < len(base64.b64decode(data(lossy, 95)))
+    assert data("png", 1) == data("png", 100)
+
+
 def test_prompt2_changes_the_image(engine: FluxEngine) -> None:
     assert generate(engine, seed=3) != generate(engine, seed=3, prompt2="with large windows")
 
 
-@pytest.mark.parametrize(("width", "height"), [(1024, 1024), (1216, 832), (896, 1152)])
+@pytest.mark.parametrize(("width", "height"), [(1024, 1024), (1216, 832), (896, 1152), (512, 768)])
 def test_response_is_a_jpeg_of_the_requested_size(engine: FluxEngine, width: int, height: int) -> None:
     response = engine.generate(GenerateRequest(prompt="x", width=width, height=height, seed=5))
     assert (response.width, response.height) == (width, height)
     assert decode_jpeg(response.data).size == (width, height)
+
+
+def test_an_aspect_ratio_gives_its_size(engine: FluxEngine) -> None:
+    response = engine.generate(GenerateRequest(prompt="x", aspect_ratio="21:9", seed=5))
+    assert (response.width, response.height) == (1536, 640)
+    assert decode_jpeg(response.data).size == (1536, 640)
 
 
 def test_guidance_is_reset_to_zero_with_a_warning(engine: FluxEngine, caplog: pytest.LogCaptureFixture) -> None:

@@ -81,10 +81,21 @@ def test_token_reaches_from_pretrained_and_no_log(
         assert base64.b64encode(FAKE_TOKEN.encode()).decode() not in text
 
 
-def test_unserved_size_is_a_400(tiny_env: None) -> None:
+@pytest.mark.parametrize(
+    ("request_fields", "detail"),
+    [
+        ({"width": 1000, "height": 512}, "width: 1000 is not allowed"),
+        # The deployment's own registry, not the declared default, which has 16:9.
+        ({"aspect_ratio": "16:9"}, "aspect_ratio: '16:9' is not one of 3:2, 1:1 on this deployment"),
+    ],
+)
+def test_a_size_the_deployment_refuses_is_a_400(
+    tiny_env: None, monkeypatch: pytest.MonkeyPatch, request_fields: dict, detail: str
+) -> None:
+    monkeypatch.setenv("FLUX_ASPECT_RATIOS", "1:1=1024x1024,3:2=1216x832")
     model = _model(None)
     model.load()
     with pytest.raises(HTTPException) as info:
-        model.predict(GenerateRequest(prompt="x", width=512, height=512), NO_BODY)
+        model.predict(GenerateRequest(prompt="x", **request_fields), NO_BODY)
     assert info.value.status_code == 400
-    assert "width/height" in info.value.detail
+    assert info.value.detail.startswith(detail)

@@ -18,7 +18,8 @@ REQUEST = GenerateRequest(prompt="a red bicycle", width=1216, height=832, seed=5
 
 
 def pixels(engine: FluxEngine) -> np.ndarray:
-    return np.asarray(engine.run(engine.job_for(REQUEST)), dtype=np.int16)
+    [image] = engine.run(engine.job_for(REQUEST))
+    return np.asarray(image, dtype=np.int16)
 
 
 def test_switches_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

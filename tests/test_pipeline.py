@@ -39,7 +39,8 @@ def _pixels(pipe, settings: Settings) -> np.ndarray:
     """The decoded image before JPEG, whose block quantization would magnify 1-level differences."""
     engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
     job = engine.job_for(GenerateRequest(prompt="a lighthouse", width=896, height=1152, seed=9))
-    return np.asarray(engine.run(job), dtype=np.int16)
+    [image] = engine.run(job)
+    return np.asarray(image, dtype=np.int16)
 
 
 def assert_same_image(first: np.ndarray, second: np.ndarray) -> None:

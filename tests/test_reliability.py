@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from truss.templates.shared.serialization import truss_msgpack_deserialize, truss_msgpack_serialize
 
 from model.schema import MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_STEPS
-from tests.conftest import RunningServer, decode_jpeg, start_server
+from tests.conftest import RunningServer, decode_image, decode_jpeg, start_server
 from tests.truss_server import PREDICT_PATH, READY_PATH
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,10 @@ def names_the_field_or_the_reason(message: str, sent_keys: set[str]) -> bool:
         ("Input Parsing Error:\n  `colour`: Extra inputs are not permitted.", {"colour"}, True),
         ("Input Parsing Error:\n  ``: Extra inputs are not permitted.", {""}, True),
         ("Input Parsing Error:\n  ``: Invalid JSON: expected value at line 1 column 1.", set(), True),
-        ("width/height: 64x64 is not served; served sizes (width x height): 256x256", set(), True),
+        ("width/height: 1536x1536 is 2.36 megapixels: width and height must be multiples of 16", set(), True),
+        ("width: 1000 is not allowed: width and height must be multiples of 16", set(), True),
+        ("aspect_ratio: '7:3' is not one of 21:9, 16:9", set(), True),
+        ("Input Parsing Error:\n  `aspect_ratio`: Value error, give either aspect_ratio or width", set(), True),
         (f"request body of 300000 bytes, over {MAX_BODY_BYTES}", set(), True),
         ("", set(), False),
         ("Bad request", set(), False),
@@ -124,7 +127,13 @@ def assert_well_formed(response: requests.Response, body: Body) -> None:
     assert FAKE_TOKEN not in response.text
     if response.status_code == 200:
         payload = response.json() if body.content_type == JSON else msgpack.unpackb(response.content)
-        decode_jpeg(payload["data"])
+        size = (payload["width"], payload["height"])
+        assert payload["data"] == payload["images"][0]["data"]
+        assert [image["seed"] for image in payload["images"]] == list(
+            range(payload["seed"], payload["seed"] + len(payload["images"]))
+        )
+        for image in payload["images"]:
+            assert decode_image(image["data"], payload["format"]).size == size
         return
     assert 400 <= response.status_code < 500
     message = response.json().get("error")
@@ -151,9 +160,14 @@ FIELDS = [
     "guidance_scale",
     "num_inference_steps",
     "max_sequence_length",
+    "aspect_ratio",
+    "num_outputs",
+    "output_format",
+    "output_quality",
 ]
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
     ["", "   ", "\u0000", "\ud7ff\ue000", "🦊" * 50, "\u202e\u200b", "a" * (MAX_PROMPT_CHARS + 1), "ｆｏｘ"]
+    + ["16:9", "1:1", "7:3", "16/9", "jpeg", "png", "webp", "gif", "JPEG"]
 )
 numbers = (
     st.integers(min_value=-(2**70), max_value=2**70)
@@ -201,6 +215,10 @@ def draw_value(draw: st.DrawFn, kind: str, values: st.SearchStrategy) -> object:
             "height": height,
             "seed": draw(st.integers(min_value=0, max_value=2**32 - 1)),
         }
+        if draw(st.booleans()):  # half of them ask for more than the defaults: several images, another format
+            body["num_outputs"] = draw(st.integers(min_value=1, max_value=2))
+            body["output_format"] = draw(st.sampled_from(["jpeg", "png", "webp"]))
+            body["output_quality"] = draw(st.integers(min_value=1, max_value=100))
         if draw(st.booleans()):  # half of them break one field
             body[draw(st.sampled_from(FIELDS))] = draw(values)
         return body
@@ -305,7 +323,9 @@ def test_crafted_msgpack_is_a_500_from_truss_decoder(small_server: RunningServer
         ({"prompt": "x", "prompt2": "y" * (MAX_PROMPT_CHARS + 1)}, 400, "prompt2"),
         ({"prompt": "x", "num_inference_steps": MAX_STEPS + 1}, 400, "num_inference_steps"),
         ({"prompt": "x", "num_images": 64}, 400, "num_images"),
-        ({"prompt": "x", "width": 65536, "height": 65536}, 400, "width/height"),
+        ({"prompt": "x", "width": 65536, "height": 65536}, 400, "width: 65536 is not allowed"),
+        ({"prompt": "x", "width": 1536, "height": 1536}, 400, "width/height: 1536x1536 is 2.36 megapixels"),
+        ({"prompt": "x", "num_outputs": 64}, 400, "num_outputs"),
         ({"prompt": "x", "max_sequence_length": 100000}, 400, "max_sequence_length"),
     ],
 )

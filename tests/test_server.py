@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import RunningServer, decode_jpeg
+from model.schema import MAX_SEED
+from tests.conftest import RunningServer, decode_image, decode_jpeg
 from tests.truss_server import PREDICT_PATH, READY_PATH
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,9 @@ def test_examples_return_jpegs_of_the_right_size(server: RunningServer, body: di
     response = predict(server, body)
     assert response.status_code == 200, response.text
     payload = response.json()
-    assert set(payload) == {"data", "seed", "width", "height"}
+    assert set(payload) == {"data", "seed", "width", "height", "format", "images"}
+    assert payload["format"] == "jpeg"
+    assert payload["images"] == [{"data": payload["data"], "seed": payload["seed"]}]
     assert decode_jpeg(payload["data"]).size == size
     assert (payload["width"], payload["height"]) == size
     if "seed" in body:
@@ -59,7 +62,14 @@ def test_same_seed_same_bytes_over_http(server: RunningServer) -> None:
         ({"prompt": "x", "num_inference_steps": "four"}, "num_inference_steps"),
         ({"prompt": "x", "max_sequence_length": 4096}, "max_sequence_length"),
         ({"prompt": "x", "unknown": 1}, "unknown"),
-        ({"prompt": "x", "width": 512, "height": 512}, "width/height"),
+        ({"prompt": "x", "aspect_ratio": "16:9", "width": 1344}, "`aspect_ratio`: Value error, give either"),
+        ({"prompt": "x", "aspect_ratio": "7:3"}, "aspect_ratio: '7:3' is not one of 21:9, 16:9, 3:2"),
+        ({"prompt": "x", "width": 1000}, "width: 1000 is not allowed: width and height must be multiples of 16"),
+        ({"prompt": "x", "width": 1536, "height": 1536}, "width/height: 1536x1536 is 2.36 megapixels"),
+        ({"prompt": "x", "num_outputs": 5}, "num_outputs"),
+        ({"prompt": "x", "seed": MAX_SEED, "num_outputs": 2}, "`seed`: Value error, image i uses seed + i"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "output_quality": 0}, "output_quality"),
     ],
 )
 def test_invalid_bodies_get_400_naming_the_field(server: RunningServer, body: dict, field: str) -> None:
@@ -68,11 +78,30 @@ def test_invalid_bodies_get_400_naming_the_field(server: RunningServer, body: di
     assert field in response.text
 
 
-def test_unserved_size_lists_the_served_ones(server: RunningServer) -> None:
-    response = predict(server, {"prompt": "x", "width": 640, "height": 640})
-    assert response.status_code == 400
-    for size in ("1024x1024", "1216x832", "896x1152"):
-        assert size in response.text
+@pytest.mark.parametrize(
+    ("body", "output_format", "size"),
+    [
+        ({"width": 512, "height": 256, "num_outputs": 3, "output_format": "png"}, "png", (512, 256)),
+        (
+            {"aspect_ratio": "21:9", "num_outputs": 2, "output_format": "webp", "output_quality": 60},
+            "webp",
+            (1536, 640),
+        ),
+    ],
+)
+def test_several_images_in_a_format(
+    server: RunningServer, body: dict, output_format: str, size: tuple[int, int]
+) -> None:
+    response = predict(server, {"prompt": "a lighthouse at dusk", "seed": 11, **body})
+    assert response.status_code == 200, response.text
+    payload = response.json()
+    assert (payload["format"], payload["width"], payload["height"], payload["seed"]) == (output_format, *size, 11)
+    assert [image["seed"] for image in payload["images"]] == list(range(11, 11 + body["num_outputs"]))
+    assert payload["data"] == payload["images"][0]["data"]
+    for image in payload["images"]:
+        assert decode_image(image["data"], output_format).size == size
+    single = predict(server, {"prompt": "a lighthouse at dusk", "seed": 12, **body, "num_outputs": 1}).json()
+    assert single["data"] == payload["images"][1]["data"]
 
 
 def test_non_json_body_is_a_400(server: RunningServer) -> None:
@@ -86,3 +115,4 @@ def test_schema_is_published(server: RunningServer) -> None:
     schema = requests.get(server.url("/v1/models/model/schema"), timeout=10).json()
     properties = schema["input_schema"]["properties"]
     assert {"prompt", "prompt2", "width", "height", "seed", "guidance_scale"} <= set(properties)
+    assert {"aspect_ratio", "num_outputs", "output_format", "output_quality"} <= set(properties)

@@ -13,6 +13,7 @@ import yaml
 
 from bench import CONFIGS, config_env
 from model.cache import BACKENDS
+from model.resolutions import Resolution
 from model.settings import (
     CONFIG_PATH,
     PLATFORM_METADATA_KEYS,
@@ -164,7 +165,9 @@ def test_each_setting_is_declared_once_with_a_one_line_meaning() -> None:
     # Every field of every group is a declared setting: nothing is read from anywhere else.
     settings = Settings.from_sources(environ={})
     group_fields = {
-        (group, f.name) for group in ("compile", "optimizations", "cache") for f in fields(getattr(settings, group))
+        (group, f.name)
+        for group in ("sizes", "compile", "optimizations", "cache")
+        for f in fields(getattr(settings, group))
     }
     assert group_fields == {d.path for d in declared.values() if len(d.path) == 2}
 
@@ -204,3 +207,49 @@ def test_overrides_by_an_unknown_name_or_a_bad_value_are_refused() -> None:
         env_for(compile_regionl=False)
     with pytest.raises(SettingsError, match="compile_mode"):
         env_for(compile_mode="fastest")
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"FLUX_ASPECT_RATIOS": "1:1=1000x1000"}, "aspect_ratios='1:1=1000x1000' (from FLUX_ASPECT_RATIOS)"),
+        ({"FLUX_ASPECT_RATIOS": "1:1=512x512"}, "1:1=512x512 is 0.26 megapixels"),
+        ({"FLUX_ASPECT_RATIOS": "16:9=768x1344"}, "16:9=768x1344 is 0.57 wide for 1 high, not 1.78"),
+        ({"FLUX_ASPECT_RATIOS": "wide=1344x768"}, "'wide' is not of the form W:H"),
+        ({"FLUX_ASPECT_RATIOS": "16:9"}, "not of the form NAME=WIDTHxHEIGHT"),
+        (
+            {"FLUX_MAX_SIDE": "1280"},
+            "aspect_ratios 21:9=1536x640 (from model_metadata) is outside the size bounds: width 1536 is not allowed",
+        ),
+        (
+            {"FLUX_RESOLUTIONS": "1536x1536"},
+            "resolutions 1536x1536 (from FLUX_RESOLUTIONS) is outside the size bounds: width/height 1536x1536 is "
+            "2.36 megapixels",
+        ),
+        ({"FLUX_MIN_SIDE": "2000"}, "min_side=2000 is more than max_side=1536"),
+        ({"FLUX_MAX_SIDE": "8192"}, "max_side='8192' (from FLUX_MAX_SIDE)"),
+        ({"FLUX_MAX_MEGAPIXELS": "0"}, "max_megapixels='0' (from FLUX_MAX_MEGAPIXELS)"),
+    ],
+)
+def test_sizes_outside_the_grid_the_bounds_or_a_megapixel_stop_the_start(environ: dict, named: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_sources(environ=environ)
+    assert named in str(raised.value)
+
+
+def test_unquoted_aspect_ratios_in_yaml_are_refused_with_the_fix() -> None:
+    # YAML 1.1 reads 16:9 as a base-60 number.
+    ratios = yaml.safe_load("16:9: 1344x768")
+    with pytest.raises(SettingsError, match="aspect ratio 969 is not a string such as '16:9': quote it in YAML"):
+        Settings.from_sources({**config_metadata(), "aspect_ratios": ratios}, environ={})
+
+
+def test_aspect_ratios_are_ordered_widest_first_whatever_their_source_order() -> None:
+    environ = {"FLUX_ASPECT_RATIOS": "2:3=832x1216,1:1=1024x1024,3:2=1216x832"}
+    ratios = Settings.from_sources(environ=environ).sizes.aspect_ratios
+    assert list(ratios.items()) == [
+        ("3:2", Resolution(1216, 832)),
+        ("1:1", Resolution(1024, 1024)),
+        ("2:3", Resolution(832, 1216)),
+    ]
+    assert list(Settings.from_sources(environ={}).sizes.aspect_ratios)[:3] == ["21:9", "16:9", "3:2"]
