@@ -43,9 +43,19 @@ WARMUP_STEPS = 1
 # non-square, so Dynamo gives width and height their own symbols, and its token count (width/16 * height/16) is
 # neither text length, so no image dimension is tied to the text's.
 DYNAMIC_WARMUP_SIZES = (Resolution(1152, 640), Resolution(896, 512), Resolution(640, 384))
-# The convolutions pick their kernel by size (on a CPU, a smaller one below about a third of a megapixel), and
-# Dynamo guards on that choice: a small size compiles the graph for the other side. Non-square, as above.
-DYNAMIC_SMALL_SIZE = Resolution(512, 384)
+# The convolutions pick their kernel by the size of their input (on a CPU, several thresholds between the
+# smallest and the largest sizes), and Dynamo guards on each choice: sizes whose area roughly doubles from one to
+# the next, from the smallest allowed to the largest, compile the graph of each range. Each non-square, with a
+# token count that is neither text length, as above.
+DYNAMIC_AREA_LADDER = (
+    Resolution(272, 256),
+    Resolution(384, 256),
+    Resolution(512, 352),
+    Resolution(720, 480),
+    Resolution(1024, 688),
+    Resolution(1440, 960),
+    Resolution(1536, 1296),
+)
 # Then a size never warmed up, at the other text length, must run without compiling anything.
 DYNAMIC_CHECK_SIZE = Resolution(1008, 784)
 
@@ -214,8 +224,8 @@ def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
 
     A size without a static graph at the first text length (its first run compiles a static graph of the dynamic
     function), the same size turned the other way at the last text length (every size-dependent dimension now
-    differs, so this run compiles the one dynamic graph), a small size for the kernel the convolutions pick below
-    about a third of a megapixel, then a size none of them covers, which must compile nothing.
+    differs, so this run compiles the one dynamic graph), a ladder of areas for the kernels the convolutions pick by
+    size, then a size none of them is, which must compile nothing.
     """
     first, last = engine.text_lengths[0], engine.text_lengths[-1]
 
@@ -226,7 +236,8 @@ def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
     if size is None:
         log.warning("no dynamic warm-up size fits this deployment's bounds: the dynamic-shape graph is not warmed up")
         return []
-    shapes = [(size, first), (size.transposed(), last), (DYNAMIC_SMALL_SIZE, first), (DYNAMIC_CHECK_SIZE, last)]
+    ladder = [(r, first) for r in DYNAMIC_AREA_LADDER]
+    shapes = [(size, first), (size.transposed(), last), *ladder, (DYNAMIC_CHECK_SIZE, last)]
     return [(r, n) for r, n in shapes if servable(r)]
 
 
