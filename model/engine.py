@@ -21,6 +21,7 @@ from PIL import Image
 from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
 from model.images import to_base64
+from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
 from model.schema import (
@@ -75,12 +76,15 @@ class FluxEngine:
         resolutions: ResolutionRegistry,
         text_lengths: Iterable[int],
         sizes: SizeSettings | None = None,
+        prompt_cache: PromptEmbeddingCache | None = None,
     ) -> None:
         self.pipe = pipe
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
         self.sizes = sizes if sizes is not None else SizeSettings()
+        # None: every request runs the text encoders (a warm-up, a test).
+        self.prompt_cache = prompt_cache
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
@@ -147,7 +151,14 @@ class FluxEngine:
             return [self.decode(self.denoise(job, embeds, pooled, seed), job.resolution) for seed in job.seeds]
 
     def encode_text(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
+        if self.prompt_cache is None:
+            return encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
+        key = PromptKey(job.prompt, job.prompt2, job.text_length, job.max_tokens)
+        if (cached := self.prompt_cache.get(key)) is not None:
+            return cached
+        embeddings = encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
+        self.prompt_cache.put(key, embeddings)
+        return embeddings
 
     def denoise(self, job: Job, embeds: torch.Tensor, pooled: torch.Tensor, seed: int) -> torch.Tensor:
         # A CPU generator gives the same noise for a seed on every device.

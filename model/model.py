@@ -22,6 +22,7 @@ from model.health import ReplicaHealth, gpu_failed_message
 from model.optimize import block_hook, configure_allocator, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
 from model.precision import gpu_facts
+from model.prompt_cache import PromptEmbeddingCache
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
 
@@ -62,7 +63,8 @@ class Model:
             settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
         )
         optimize(pipe, settings.optimizations)
-        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes)
+        prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
+        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache)
         weights_s = time.perf_counter() - started
         self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s

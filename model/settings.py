@@ -284,6 +284,13 @@ class Settings:
     text_lengths: TextLengths = setting(
         "text_lengths", meaning="T5 sequence lengths compiled for each size; a request's length rounds up to one"
     )
+    # A prompt's embeddings take 2 MB (256 tokens) or 4 MB (512) on the GPU: 256 MB keeps the last 64 or more.
+    prompt_cache_mb: pydantic.NonNegativeInt = setting(
+        "prompt_cache_mb",
+        256,
+        meaning="GPU memory for the least recently used prompt embeddings: a repeated prompt, whatever its seed or "
+        "size, skips both text encoders; 0 turns the cache off",
+    )
     sizes: SizeSettings = field(default_factory=SizeSettings)
     compile: CompileSettings = field(default_factory=CompileSettings)
     optimizations: Optimizations = field(default_factory=Optimizations)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from model.engine import FluxEngine
@@ -26,6 +27,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # The tiny model, eager: compiling on a CPU takes minutes, so only the compile tests turn it on.
 TINY_EAGER = {"FLUX_MODEL_SOURCE": "tiny", "FLUX_COMPILE": "0"}
+
+
+@pytest.fixture(autouse=True)
+def compile_stance_reset() -> Iterator[None]:
+    """load() leaves torch.compile's stance at eager_on_recompile for serving; the next test compiles afresh."""
+    yield
+    torch.compiler.set_stance("default")
 
 
 @pytest.fixture(scope="session")

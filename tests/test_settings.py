@@ -46,6 +46,7 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "regional": True,
             "compile_vae": True,
             "dynamic": False,
+            "any_size": True,
             "shared_block_layout": True,
             "precompile": True,
         },
