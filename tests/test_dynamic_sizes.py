@@ -1,6 +1,7 @@
 """Sizes without a static graph run on one dynamic-shape graph, compiled and warmed up at load(): no request compiles.
 
-The real compiler on the tiny model, the production path (precompiled static regions beside the dynamic graph).
+The real compiler, the production path (precompiled static regions beside the dynamic graph): on the tiny model
+everywhere, and on the full-size architecture (random bf16 weights) where a CUDA GPU is present.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from model.settings import config_metadata
 pytestmark = pytest.mark.slow
 
 ENV = {
-    "FLUX_MODEL_SOURCE": "tiny",
     "FLUX_COMPILE": "1",
     "FLUX_RESOLUTIONS": "1024x1024",
     "FLUX_TEXT_LENGTHS": "256,512",
@@ -47,9 +47,15 @@ def pixels(engine: FluxEngine, size: Resolution, text_length: int) -> np.ndarray
     return np.asarray(image)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Model, np.ndarray]]:
+ON_A_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module", params=["tiny", pytest.param("full-random", marks=ON_A_GPU)])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Model, np.ndarray]]:
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLUX_MODEL_SOURCE", request.param)
         patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
         for key, value in ENV.items():
             patch.setenv(key, value)
