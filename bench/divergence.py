@@ -1,0 +1,143 @@
+"""Where two processes serving the same request first disagree: one digest per module output, compared in order.
+
+    python -m bench.divergence --model full-random --processes 3                # a miss, then hits of its cache
+    python -m bench.divergence --model full-random --processes 3 --config eager
+
+Each process loads the model (the first fills a local compile cache, the later ones restore it), serves one
+request, and records a digest of every tensor that the text encoders, each transformer block call and the VAE's
+decoder return, in call order, then of the JPEG. The parent prints each process's record against the first one's:
+the first entry that differs names the module and the call where the outputs part, and so the kernel to look at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import config_env, log_to_stderr
+
+REQUEST = {"prompt": "a lighthouse on a cliff at dusk", "seed": 7}
+
+
+def digest(value: Any) -> str:
+    """The bytes of every tensor in `value` (a tensor, a tuple or list of them, or a transformers output), hashed."""
+    import torch
+
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    tensors = [value] if isinstance(value, torch.Tensor) else [v for v in value if isinstance(v, torch.Tensor)]
+    hasher = hashlib.sha256()
+    for tensor in tensors:
+        hasher.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
+@contextmanager
+def recorded_outputs(pipe: Any) -> Iterator[list[tuple[str, str]]]:
+    """Yield a list that gains (module name, digest) for each call of the recorded modules, in call order."""
+    from model.compat import compiled_call, repeated_block_names, set_compiled_call
+
+    record: list[tuple[str, str]] = []
+    repeated = repeated_block_names(pipe.transformer)
+    modules = {f"transformer.{n}": m for n, m in pipe.transformer.named_modules() if type(m).__name__ in repeated}
+    modules |= {"t5": pipe.text_encoder_2, "clip": pipe.text_encoder, "vae.decoder": pipe.vae.decoder}
+    restore: list[Callable[[], None]] = []
+    for name, module in modules.items():
+        compiled = compiled_call(module)
+        if compiled is None:  # eager: a hook sees the output
+            handle = module.register_forward_hook(lambda _m, _a, out, name=name: record.append((name, digest(out))))
+            restore.append(handle.remove)
+        else:  # compiled: wrap the compiled function from outside, so its graph stays as it is
+
+            def call(*args: Any, name: str = name, compiled: Callable[..., Any] = compiled, **kwargs: Any) -> Any:
+                out = compiled(*args, **kwargs)
+                record.append((name, digest(out)))
+                return out
+
+            set_compiled_call(module, call)
+            restore.append(lambda module=module, compiled=compiled: set_compiled_call(module, compiled))
+    try:
+        yield record
+    finally:
+        for undo in restore:
+            undo()
+
+
+def child() -> list[tuple[str, str]]:
+    from bench import NO_BODY
+    from model.model import Model
+    from model.schema import GenerateRequest
+    from model.settings import config_metadata
+
+    model = Model(config={"model_metadata": config_metadata()})
+    model.load()
+    with recorded_outputs(model._engine.pipe) as record:
+        response = model.predict(GenerateRequest(**REQUEST), NO_BODY)
+    return [*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16])]
+
+
+def first_difference(reference: list[list[str]], other: list[list[str]]) -> dict:
+    """The first entry where `other` parts from `reference`, and how many entries differ in all."""
+    differing = [i for i, (a, b) in enumerate(zip(reference, other, strict=False)) if a != b]
+    if len(reference) != len(other):
+        differing.append(min(len(reference), len(other)))
+    if not differing:
+        return {"identical": True, "entries": len(reference)}
+    first = differing[0]
+    name = reference[first][0] if first < len(reference) else other[first][0]
+    call = sum(1 for entry in reference[:first] if entry[0] == name)
+    return {"identical": False, "first": name, "call": call, "index": first, "differing": len(differing)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="full-random")
+    parser.add_argument("--processes", type=int, default=3)
+    parser.add_argument("--config", default="default", help="a named configuration of bench.CONFIGS")
+    parser.add_argument("--resolutions", default="1024x1024")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        log_to_stderr()
+        print(json.dumps(child()), flush=True)
+        return
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="divergence-"))
+    env = {
+        **os.environ,
+        **config_env(args.config),
+        "FLUX_MODEL_SOURCE": args.model,
+        "FLUX_RESOLUTIONS": args.resolutions,
+        "FLUX_CACHE_BACKEND": "local",
+        "FLUX_CACHE_DIR": str(workdir / "cache"),
+    }
+    records = []
+    for index in range(args.processes):
+        # Each process gets an empty Inductor directory: what it reuses comes from the cache, as on a new replica.
+        process_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(workdir / f"inductor-{index}")}
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.divergence", "--child"],
+            env=process_env,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        records.append(json.loads(done.stdout.splitlines()[-1]))
+        report = {"process": index, "entries": len(records[-1])}
+        if index:
+            report |= first_difference(records[0], records[-1])
+        print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
