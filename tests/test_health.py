@@ -163,7 +163,7 @@ def test_bad_requests_leave_health_alone_and_unexpected_failures_count(
 ) -> None:
     for _ in range(MAX_CONSECUTIVE_FAILURES + 2):
         with pytest.raises(HTTPException) as bad:
-            predict(model, width=512, height=512)
+            predict(model, width=500, height=512)  # off the 16-grid
         assert bad.value.status_code == 400
     assert model.is_healthy()
     with monkeypatch.context() as patch:

@@ -73,7 +73,7 @@ def test_a_gpu_failure_answers_500_and_turns_readiness_unhealthy(server: Running
 
 def test_bad_requests_leave_health_alone_and_failures_in_a_row_do_not(server: RunningServer) -> None:
     for _ in range(MAX_CONSECUTIVE_FAILURES + 2):
-        assert predict(server, "a fox", width=512, height=512).status_code == 400
+        assert predict(server, "a fox", width=500, height=512).status_code == 400
     assert status(server, READY_PATH) == 200
 
     for attempt in range(1, MAX_CONSECUTIVE_FAILURES + 1):
