@@ -21,6 +21,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "whole": {"compile_regional": False, "compile_precompile": False},
     "regional": {"compile_regional": True},
     "no_vae_compile": {"compile_vae": False},
+    "compile_text": {"compile_text_encoders": True},
     "fuse_qkv": {"fuse_qkv": True},
     "no_fuse_qkv": {"fuse_qkv": False},
     "channels_last": {"vae_channels_last": True},

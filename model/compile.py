@@ -31,13 +31,14 @@ def compile_pipeline(
     `shapes` is the number of served (resolution, text length) pairs: each is its own static graph. Precompiled
     functions are saved in `artifacts.precompiled_dir`, kept per cache key as the archives are.
     """
-    # Two graphs per static shape at most, and the dynamic function's warm-up adds up to three per region.
+    # Two graphs per static shape at most (T5's first block, which computes the position bias, and the rest), and
+    # the dynamic function's warm-up adds up to three per region.
     allow_recompiles(2 * shapes + 3)
     # A previous load() in this process sealed its graphs (model.coldstart); this one compiles.
     torch.compiler.set_stance("default")
 
     def undo() -> None:
-        for module in [*pipe.transformer.modules(), pipe.vae.decoder]:
+        for module in [*pipe.transformer.modules(), pipe.vae.decoder, *_text_encoder_layers(pipe)]:
             set_compiled_call(module, None)
         torch.compiler.set_stance("default")
         torch.compiler.reset()
@@ -79,6 +80,19 @@ def _wrap(pipe: FluxPipeline, settings: CompileSettings, artifacts: CompileArtif
         _add_dynamic_graphs(_regions(pipe, settings), settings.mode if settings.any_size else None)
     if settings.regional and settings.shared_block_layout:
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
+    if settings.text_encoders:
+        # Dynamo's own compile, not precompiled: HF's layers take optional inputs a saved function cannot name.
+        for layer in _text_encoder_layers(pipe):
+            layer.compile(mode=settings.mode, dynamic=False)
+
+
+# The repeated layers of the text encoders: compiled like the transformer's blocks, one graph serving them all.
+TEXT_ENCODER_LAYERS = ("T5Block", "CLIPEncoderLayer")
+
+
+def _text_encoder_layers(pipe: FluxPipeline) -> list[torch.nn.Module]:
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    return [m for encoder in encoders for m in encoder.modules() if type(m).__name__ in TEXT_ENCODER_LAYERS]
 
 
 def _regions(pipe: FluxPipeline, settings: CompileSettings) -> list[torch.nn.Module]:

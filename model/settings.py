@@ -112,6 +112,13 @@ class CompileSettings:
         "compile_regional", True, meaning="compile one block of each repeated kind instead of the whole transformer"
     )
     compile_vae: bool = setting("compile_vae", True, meaning="compile `vae.decode` too")
+    # The text encoders run eagerly, launch-bound: 31 ms of a request for a few ms of arithmetic (issue figures,
+    # BENCHMARKS.md). Their shapes are static (CLIP's 77 tokens, T5's compiled text lengths).
+    text_encoders: bool = setting(
+        "compile_text_encoders",
+        False,
+        meaning="compile the T5 and CLIP encoders' repeated layers too, one static graph per text length",
+    )
     # Every served shape is warmed up, so static graphs never recompile on the request path.
     dynamic: bool = setting(
         "compile_dynamic", False, meaning="one dynamic-shape graph for all sizes instead of one static graph per size"

@@ -25,6 +25,7 @@ from model.compile import compile_pipeline
 from model.engine import FluxEngine
 from model.model import Model
 from model.pipeline import load_pipeline
+from model.prompts import encode_prompts
 from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings, config_metadata
 from tests.conftest import TINY_EAGER
@@ -129,6 +130,27 @@ def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
     assert torch._dynamo.config.recompile_limit >= 12, "every served shape fits under the recompile limit"
     undo()
     assert not [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
+
+
+def test_compiled_text_encoders_give_the_same_embeddings_and_undo_clears_them(fresh_engine: FluxEngine) -> None:
+    import torch
+
+    pipe = fresh_engine.pipe
+    with torch.inference_mode():
+        eager = [encode_prompts(pipe, "a red bicycle", None, n, n) for n in (256, 512)]
+    settings = CompileSettings(text_encoders=True, precompile=False)
+    undo = compile_pipeline(pipe, settings, shapes=2, artifacts=ARTIFACTS)
+    layers = [m for m in [*pipe.text_encoder.modules(), *pipe.text_encoder_2.modules()] if compiled_call(m)]
+    assert {type(m).__name__ for m in layers} == {"T5Block", "CLIPEncoderLayer"}
+    try:
+        with torch.inference_mode():
+            compiled = [encode_prompts(pipe, "a red bicycle", None, n, n) for n in (256, 512)]
+    finally:
+        undo()
+    for expected, got in zip(eager, compiled, strict=True):
+        for a, b in zip(expected, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # fused kernels sum in another order
+    assert not any(compiled_call(m) for m in layers)
 
 
 def _tiny_model(monkeypatch: pytest.MonkeyPatch) -> Model:

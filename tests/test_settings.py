@@ -45,6 +45,7 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "mode": "default",
             "regional": True,
             "compile_vae": True,
+            "text_encoders": False,
             "dynamic": False,
             "any_size": True,
             "shared_block_layout": True,
