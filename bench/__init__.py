@@ -31,6 +31,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "max_autotune": {"compile_mode": "max-autotune"},
     "max_autotune_no_cudagraphs": {"compile_mode": "max-autotune-no-cudagraphs"},
     "dynamic": {"compile_dynamic": True},
+    # Static graphs only, as every compiled configuration was before the dynamic-shape graph for other sizes.
+    "static_only": {"compile_any_size": False},
     "no_shared_layout": {"compile_shared_block_layout": False},
     "precompile": {"compile_precompile": True},
     "no_precompile": {"compile_precompile": False},

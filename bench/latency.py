@@ -191,8 +191,7 @@ def child(
         with timed_phases(engine, memory=True) as phases:
             model.predict(first_request, NO_BODY)
         result["peak_gib_by_phase"] = {k: v for k, v in phases[0].items() if k.endswith("_peak_gib")}
-    if engine.prompt_cache is not None:
-        result["prompt_cache_mb_used"] = round(engine.prompt_cache.bytes_used / 2**20, 1)
+    result["prompt_cache_mb_used"] = round(engine.prompt_cache.bytes_used / 2**20, 1)
     # What the weights became, from the weights themselves: Parameter (bf16), Float8Tensor or Int8Tensor.
     result["weights"] = {
         "transformer": type(engine.pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__,

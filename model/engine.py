@@ -83,8 +83,8 @@ class FluxEngine:
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
         self.sizes = sizes if sizes is not None else SizeSettings()
-        # None: every request runs the text encoders (a warm-up, a test).
-        self.prompt_cache = prompt_cache
+        # A budget of 0 keeps nothing: every request runs the text encoders (a warm-up, a test).
+        self.prompt_cache = prompt_cache if prompt_cache is not None else PromptEmbeddingCache(0)
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
@@ -151,8 +151,6 @@ class FluxEngine:
             return [self.decode(self.denoise(job, embeds, pooled, seed), job.resolution) for seed in job.seeds]
 
     def encode_text(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.prompt_cache is None:
-            return encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
         key = PromptKey(job.prompt, job.prompt2, job.text_length, job.max_tokens)
         if (cached := self.prompt_cache.get(key)) is not None:
             return cached

@@ -62,7 +62,7 @@ class Model:
         pipe = load_pipeline(
             settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
         )
-        optimize(pipe, settings.optimizations)
+        optimize(pipe, opts)
         prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
         engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache)
         weights_s = time.perf_counter() - started

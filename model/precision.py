@@ -23,7 +23,7 @@ BF16_PEAK_GIB = 33.8
 HEADROOM_GIB = 4.0
 # float8 tensor cores: Ada (8.9: L4) and Hopper (9.0: H100, H200) on; torchao's fp8 kernels need them.
 FP8_COMPUTE_CAPABILITY = (8, 9)
-# Below this even the weight-only int8 transformer and the bf16 encoders were never measured to fit.
+# Below this even the weight-only int8 transformer beside an int4 T5 was never measured to fit.
 SMALLEST_MEASURED_GIB = 22.0
 
 

@@ -111,7 +111,7 @@ class CompileSettings:
     regional: bool = setting(
         "compile_regional", True, meaning="compile one block of each repeated kind instead of the whole transformer"
     )
-    compile_vae: bool = setting("compile_vae", True, meaning="compile `vae.decode` too")
+    compile_vae: bool = setting("compile_vae", True, meaning="compile the VAE's decoder too")
     # The text encoders run eagerly, launch-bound: 31 ms of a request for a few ms of arithmetic (issue figures,
     # BENCHMARKS.md). Their shapes are static (CLIP's 77 tokens, T5's compiled text lengths).
     text_encoders: bool = setting(
@@ -177,7 +177,8 @@ class Optimizations:
         meaning="CUDA's caching allocator grows its segments in place: reserved memory stays near the memory in use",
     )
     # nn.SiLU after each GroupNorm in the VAE decoder can overwrite the norm's output, which nothing reads again:
-    # the same pixels, one full-resolution activation fewer at the peak of an eager decode.
+    # the same pixels, one full-resolution activation fewer. The eager decode's peak did not move, as it sits at
+    # the residual add that follows (BENCHMARKS.md); kept because it costs nothing.
     vae_inplace_silu: bool = setting(
         "vae_inplace_silu", True, meaning="the VAE decoder's SiLU activations overwrite their input (same pixels)"
     )

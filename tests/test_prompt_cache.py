@@ -95,6 +95,7 @@ def test_cached_embeddings_give_the_same_image_and_never_another_prompts(
     assert calls == ["t5", "t5"]
     assert np.array_equal(np.asarray(again), np.asarray(first))
     assert not np.array_equal(np.asarray(other), np.asarray(first))
-    engine.prompt_cache = None  # the same request without the cache: the cached path changed no pixel
+    # The same request without the cache: the cached path changed no pixel.
+    engine.prompt_cache = PromptEmbeddingCache(0)
     [fresh] = engine.run(job("a red bicycle", seed=1))
     assert np.array_equal(np.asarray(fresh), np.asarray(first))
