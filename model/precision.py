@@ -1,6 +1,7 @@
-"""The transformer's precision for the GPU that load() finds: the `precision` setting's `auto` rule.
+"""The transformer's and T5's precisions for the GPU that load() finds: the `auto` rules of `precision` and
+`text_encoder_precision`.
 
-The rule is a pure function of the GPU's facts (memory, compute capability), so a CPU test can feed it every card.
+Each rule is a pure function of the GPU's facts (memory, compute capability), so a CPU test can feed it every card.
 Figures it rests on (BENCHMARKS.md): bf16 peaked at 33.8 GiB serving 1024x1024 on an H200, fp8 at 21.6 GiB.
 """
 
