@@ -72,16 +72,19 @@ def recorded_outputs(pipe: Any) -> Iterator[list[tuple[str, str]]]:
             undo()
 
 
-def child() -> list[tuple[str, str]]:
+def child(size: str) -> list[tuple[str, str]]:
     from bench import NO_BODY
     from model.model import Model
+    from model.resolutions import Resolution
     from model.schema import GenerateRequest
     from model.settings import config_metadata
 
     model = Model(config={"model_metadata": config_metadata()})
     model.load()
     with recorded_outputs(model._engine.pipe) as record:
-        response = model.predict(GenerateRequest(**REQUEST), NO_BODY)
+        resolution = Resolution.parse(size)
+        request = GenerateRequest(**REQUEST, width=resolution.width, height=resolution.height)
+        response = model.predict(request, NO_BODY)
     return [*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16])]
 
 
@@ -103,13 +106,13 @@ def main() -> None:
     parser.add_argument("--model", default="full-random")
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--config", default="default", help="a named configuration of bench.CONFIGS")
-    parser.add_argument("--resolutions", default="1024x1024")
+    parser.add_argument("--resolutions", default="1024x1024", help="the served sizes; the request asks for the first")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         log_to_stderr()
-        print(json.dumps(child()), flush=True)
+        print(json.dumps(child(args.resolutions.split(",")[0])), flush=True)
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="divergence-"))
@@ -126,7 +129,7 @@ def main() -> None:
         # Each process gets an empty Inductor directory: what it reuses comes from the cache, as on a new replica.
         process_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(workdir / f"inductor-{index}")}
         done = subprocess.run(
-            [sys.executable, "-m", "bench.divergence", "--child"],
+            [sys.executable, "-m", "bench.divergence", "--child", "--resolutions", args.resolutions],
             env=process_env,
             stdout=subprocess.PIPE,
             text=True,

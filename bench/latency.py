@@ -93,6 +93,49 @@ def kernel_breakdown(run: Callable[[], object], top: int = 12) -> dict:
     }
 
 
+def kernels_by_phase(engine: object, job: object) -> dict[str, float]:
+    """GPU kernel milliseconds of each phase of one single-image request, each phase profiled on its own."""
+    embeds, pooled = engine.encode_text(job)  # type: ignore[attr-defined]
+    latents = engine.denoise(job, embeds, pooled, job.seed)  # type: ignore[attr-defined]
+    phases: dict[str, Callable[[], object]] = {
+        "text": lambda: engine.encode_text(job),  # type: ignore[attr-defined]
+        "denoise": lambda: engine.denoise(job, embeds, pooled, job.seed),  # type: ignore[attr-defined]
+        "decode": lambda: engine.decode(latents, job.resolution),  # type: ignore[attr-defined]
+    }
+    return {phase: kernel_breakdown(run, top=0)["gpu_busy_ms"] for phase, run in phases.items()}
+
+
+def batched_images(engine: object, job: object) -> list[object]:
+    """All of a job's images from one batched pipeline call and one batched decode: what a batched num_outputs
+    would run, for comparison with the engine's one image after another. Precompiled regions compile the batch's
+    own graphs on its first call (its input signature is new); Dynamo's regions run it eagerly (the serving stance)."""
+    import torch
+
+    from model.compat import unpack_latents
+    from model.schema import SCHNELL_GUIDANCE
+
+    pipe = engine.pipe  # type: ignore[attr-defined]
+    size = job.resolution  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        embeds, pooled = engine.encode_text(job)  # type: ignore[attr-defined]
+        packed = pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            num_images_per_prompt=job.num_outputs,  # type: ignore[attr-defined]
+            width=size.width,
+            height=size.height,
+            num_inference_steps=job.steps,  # type: ignore[attr-defined]
+            guidance_scale=SCHNELL_GUIDANCE,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in job.seeds],  # type: ignore[attr-defined]
+            output_type="latent",
+            return_dict=False,
+        )[0]
+        latents = unpack_latents(pipe, packed, size.height, size.width)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
+
+
 def child(
     name: str,
     workdir: Path,
@@ -102,6 +145,7 @@ def child(
     profile_kernels: bool = False,
     memory_cap_gib: float | None = None,
     clients: int = 0,
+    num_outputs: int = 1,
 ) -> dict:
     import numpy as np
     import torch
@@ -168,9 +212,15 @@ def child(
     )
     if profile_kernels and cuda:
         try:
-            result["kernels_one_request"] = kernel_breakdown(lambda: model.predict(first_request, NO_BODY))
+            kernels = kernel_breakdown(lambda: model.predict(first_request, NO_BODY))
+            # What no kernel covers: launches, host work and syncs between them.
+            kernels["idle_ms"] = round(per_shape[resolutions[0]]["p50_s"] * 1e3 - kernels["gpu_busy_ms"], 1)
+            kernels["gpu_busy_ms_by_phase"] = kernels_by_phase(engine, engine.job_for(first_request))
+            result["kernels_one_request"] = kernels
         except Exception as exc:  # the latency figures above are worth keeping without the profile
             result["kernels_one_request"] = {"error": repr(exc)}
+    if num_outputs > 1:
+        result["num_outputs"] = several_images(model, first_request, num_outputs, max(runs, 3))
     if clients:
         result["saturation"] = saturation(model, first_request, clients)
     job = engine.job_for(first_request)
@@ -206,6 +256,40 @@ def child(
         result["psnr_vs_eager_db"] = round(10 * np.log10(255**2 / max(mse, 1e-12)), 2)
         result["max_abs_diff_vs_eager"] = int(np.abs(pixels - ref).max())
     return result
+
+
+def several_images(model: object, request: object, count: int, runs: int) -> dict:
+    """Seconds for `count` images of one request: the engine's (one after another, this configuration's graphs)
+    against one batched call (see batched_images), and the batched call's first image against the single one's."""
+    import numpy as np
+
+    from bench import NO_BODY
+
+    engine = model._engine  # type: ignore[attr-defined]
+    several = request.model_copy(update={"num_outputs": count})  # type: ignore[attr-defined]
+    job = engine.job_for(several)
+    from model.coldstart import CompileCounters
+
+    before = CompileCounters.now()
+    batched = batched_images(engine, job)  # untimed: it may compile, and it allocates the batch's memory
+    compiled_for_batch = (CompileCounters.now() - before).precompiled
+    timings: dict[str, list[float]] = {"sequential": [], "batched": []}
+    for _ in range(runs):
+        started = time.perf_counter()
+        model.predict(several, NO_BODY)  # type: ignore[attr-defined]
+        timings["sequential"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        batched = batched_images(engine, job)
+        engine.respond(job, batched)
+        timings["batched"].append(time.perf_counter() - started)
+    [first] = engine.run(engine.job_for(request))
+    difference = np.abs(np.asarray(first, dtype=np.int16) - np.asarray(batched[0], dtype=np.int16))
+    return {
+        "count": count,
+        **{f"{kind}_p50_s": round(statistics.median(values), 4) for kind, values in timings.items()},
+        "batched_first_image_max_abs_diff": int(difference.max()),
+        "functions_compiled_for_the_batch": compiled_for_batch,
+    }
 
 
 def saturation(model: object, request: object, clients: int, seconds: float = 30.0) -> dict:
@@ -244,7 +328,11 @@ def saturation(model: object, request: object, clients: int, seconds: float = 30
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="eager,default")
-    parser.add_argument("--resolutions", default="1024x1024")
+    parser.add_argument("--resolutions", default="1024x1024", help="the sizes timed")
+    parser.add_argument(
+        "--static-resolutions",
+        help="the sizes with static graphs (default: every timed size); the others run on the dynamic-shape graph",
+    )
     parser.add_argument(
         "--text-lengths", default="256", help="compiled T5 lengths; requests are timed at each, PSNR at the first"
     )
@@ -269,6 +357,12 @@ def main() -> None:
     parser.add_argument(
         "--clients", type=int, default=0, help="also measure images/s at saturation with this many concurrent callers"
     )
+    parser.add_argument(
+        "--num-outputs",
+        type=int,
+        default=1,
+        help="also time a request for this many images at the first size, one after another and batched eagerly",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     resolutions = args.resolutions.split(",")
@@ -289,6 +383,7 @@ def main() -> None:
                     args.profile,
                     args.memory_cap,
                     args.clients,
+                    args.num_outputs,
                 )
             ),
             flush=True,
@@ -300,7 +395,7 @@ def main() -> None:
     base_env = {
         **os.environ,
         "FLUX_MODEL_SOURCE": args.model,
-        "FLUX_RESOLUTIONS": args.resolutions,
+        "FLUX_RESOLUTIONS": args.static_resolutions or args.resolutions,
         "FLUX_TEXT_LENGTHS": args.text_lengths,
         "FLUX_CACHE_BACKEND": "none",
         "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor"),
@@ -331,6 +426,8 @@ def main() -> None:
             args.text_lengths,
             "--clients",
             str(args.clients),
+            "--num-outputs",
+            str(args.num_outputs),
             *(["--profile"] if args.profile else []),
             # The bf16 eager reference runs uncapped: every capped configuration gets its PSNR against bf16.
             *(["--memory-cap", str(args.memory_cap)] if args.memory_cap is not None and name != "eager" else []),

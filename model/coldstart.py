@@ -166,7 +166,7 @@ def prepare(
     undo = None
     try:
         undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()), artifacts=artifacts)
-        dynamic = dynamic_warmup_shapes(engine) if compile_settings.any_size and not compile_settings.dynamic else []
+        dynamic = dynamic_warmup_shapes(engine) if compile_settings.dynamic_graph else []
         report.warmup = warm_up(engine, compile_settings.warmup_runs, dynamic)
         report.compiled = True
         # From here on a request never compiles: a graph whose guards fail runs eagerly instead (model.graph_route
@@ -188,9 +188,9 @@ def prepare(
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
-        report.save = _save(cache, artifacts.inductor_dir, compile_settings.precompile)
+        report.save = _save(cache, artifacts.inductor_dir, compile_settings.only_precompiled)
         report.save_s = time.perf_counter() - started
-    report.cache_bytes = _archived_bytes(artifacts.inductor_dir, compile_settings.precompile)
+    report.cache_bytes = _archived_bytes(artifacts.inductor_dir, compile_settings.only_precompiled)
     return report
 
 
@@ -222,10 +222,10 @@ def _archived_bytes(inductor_dir: Path, precompiled: bool) -> int:
 def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
     """The shapes that compile and check the dynamic-shape graph, in order.
 
-    A size without a static graph at the first text length (its first run compiles a static graph of the dynamic
-    function), the same size turned the other way at the last text length (every size-dependent dimension now
-    differs, so this run compiles the one dynamic graph), a ladder of areas for the kernels the convolutions pick by
-    size, then a size none of them is, which must compile nothing.
+    A size without a static graph at the first text length (its first run compiles the dynamic graph), the same
+    size turned the other way at the last text length (every size-dependent dimension differs: a guard that
+    specialized on one of them compiles again here, at load, not on a request), a ladder of areas for the kernels
+    the convolutions pick by size, then a size none of them is, which must compile nothing.
     """
     first, last = engine.text_lengths[0], engine.text_lengths[-1]
 

@@ -112,15 +112,17 @@ def _add_dynamic_graphs(regions: list[torch.nn.Module], mode: str | None) -> Non
 
     It compiles the class's `forward` with its own torch.compile, whose cache entries Dynamo never hands to another
     torch.compile's calls (its backend check), so the route alone decides which graph a size runs on.
-    `dynamic=None`: its first size compiles static, and the second, which differs in every size-dependent
-    dimension, compiles one graph with exactly those dimensions symbolic (model.coldstart picks those warm-up sizes).
+    `dynamic=True`, so its first size already compiles the symbolic graph: with automatic dynamic shapes the first
+    graph depends on which sizes this code object was traced at before, which a cache miss (static graphs traced)
+    and a hit (static graphs loaded from files) do not share, and the hit compiled three graphs the miss never had.
+    Dimensions fixed by the weights' shapes (channels, heads) and the batch of 1 still specialize.
     """
     dynamic: dict[type, Callable[..., Any]] = {}
     for module in regions:
         kind = type(module)
         if kind not in dynamic:
             eager = mode is None
-            dynamic[kind] = kind.forward if eager else torch.compile(kind.forward, mode=mode, fullgraph=True)
+            dynamic[kind] = kind.forward if eager else torch.compile(kind.forward, mode=mode, fullgraph=True, dynamic=True)
         set_compiled_call(module, _routed(module, compiled_call(module), dynamic[kind]))
 
 

@@ -154,6 +154,17 @@ class CompileSettings:
         "quantized `precision`",
     )
 
+    @property
+    def dynamic_graph(self) -> bool:
+        """Whether load() compiles the dynamic-shape graph beside the static ones (model.compile)."""
+        return self.any_size and not self.dynamic
+
+    @property
+    def only_precompiled(self) -> bool:
+        """Whether every compiled function is saved as a file (model.precompile): only then does a hit never read
+        Inductor's graph entries. The dynamic-shape graph and the text encoders are Dynamo's own compiles."""
+        return self.precompile and not self.dynamic_graph and not self.text_encoders
+
 
 @dataclass(frozen=True)
 class Optimizations:

@@ -81,6 +81,27 @@ def test_no_request_compiles_after_warm_up(miss_then_hit: tuple[dict, dict]) -> 
         assert state["graphs_compiled_after_warmup"] == 0, state
 
 
+# --- the dynamic-shape graph beside the static ones -------------------------------------------------
+
+DYNAMIC_ENV = {**ENV, "FLUX_RESOLUTIONS": "256x256", "FLUX_TEXT_LENGTHS": "256,512", "FLUX_COMPILE_ANY_SIZE": "1"}
+
+
+@pytest.fixture(scope="module")
+def dynamic_miss_then_hit(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    workdir: Path = tmp_path_factory.mktemp("cold-start-dynamic")
+    return run_state("miss", workdir, DYNAMIC_ENV), run_state("hit", workdir, DYNAMIC_ENV)
+
+
+def test_a_hit_restores_the_dynamic_graph_as_the_miss_compiled_it(dynamic_miss_then_hit: tuple[dict, dict]) -> None:
+    miss, hit = dynamic_miss_then_hit
+    assert miss["new_graphs"] > 0, "the miss compiled the dynamic graph"
+    # A hit whose first dynamic graph differed from the miss's would compile it, and its transpose, anew.
+    assert (hit["restore"], hit["new_graphs"], hit["save"]) == ("hit", 0, None), hit
+    assert hit["cached_graphs"] == miss["new_graphs"]
+    assert set(hit["warmup_runs_per_shape"].values()) == {1}, hit["warmup_runs_per_shape"]
+    assert hit["images"] == miss["images"]
+
+
 # --- a partial hit through the real b10-transfer ---------------------------------------------------
 
 # One warm-up run and no VAE compile keep each start's compile short on a CPU.
