@@ -122,7 +122,9 @@ def _add_dynamic_graphs(regions: list[torch.nn.Module], mode: str | None) -> Non
         kind = type(module)
         if kind not in dynamic:
             eager = mode is None
-            dynamic[kind] = kind.forward if eager else torch.compile(kind.forward, mode=mode, fullgraph=True, dynamic=True)
+            dynamic[kind] = (
+                kind.forward if eager else torch.compile(kind.forward, mode=mode, fullgraph=True, dynamic=True)
+            )
         set_compiled_call(module, _routed(module, compiled_call(module), dynamic[kind]))
 
 
