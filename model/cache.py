@@ -75,8 +75,8 @@ def unread_on_a_hit(inductor_dir: Path, precompiled: bool) -> list[Path]:
       kernels, and a hit writes them back here, so archiving it stores each kernel twice.
     - aotautograd/ and fxgraph/, when every compiled function is precompiled: a hit loads each region's saved
       function (model.precompile), which carries its own compiled code, and never looks these entries up: they were
-      close to half of the archive (BENCHMARKS.md). A Dynamo compile beside them (the dynamic-shape graph, the
-      text encoders) reads them on a hit, and without them compiled everything again (86.7 s on an H200).
+      close to half of the archive (BENCHMARKS.md). A Dynamo compile beside them (the text encoders, or a
+      dynamic-shape graph) reads them on a hit: without them a hit compiled that graph again (86.7 s on an H200).
     """
     names = (["triton"] if triton_kernels_bundled() else []) + (["aotautograd", "fxgraph"] if precompiled else [])
     return [inductor_dir / name for name in names if (inductor_dir / name).is_dir()]

@@ -8,7 +8,7 @@ Imports are lazy: importing this module costs nothing until a function is called
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,3 +117,28 @@ def b10fs_enabled_by_b10_transfer() -> bool:
     from b10_transfer.utils import _is_b10fs_enabled
 
     return _is_b10fs_enabled()
+
+
+def compiling_allowed() -> bool:
+    """Whether torch.compile's stance lets a new graph compile now; load() sets `eager_on_recompile` once its
+    warm-up is done, and a region compiled ahead of time follows the same rule. torch has no public getter."""
+    from torch._dynamo.eval_frame import _stance
+
+    return _stance.stance == "default"
+
+
+def failing_on_recompile() -> bool:
+    """Whether the stance is `fail_on_recompile`, under which a needed compile must raise (the tests' check)."""
+    from torch._dynamo.eval_frame import _stance
+
+    return _stance.stance == "fail_on_recompile"
+
+
+@contextmanager
+def specialized_floats(on: bool = True) -> Iterator[None]:
+    """Trace Python floats as constants, as torch did before 2.6. With symbolic sizes, a float computed from a size
+    otherwise becomes a tensor through an analysis that restarts the trace, and aot_compile cannot restart one."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(specialize_float=True) if on else nullcontext():
+        yield

@@ -77,7 +77,7 @@ def _wrap(pipe: FluxPipeline, settings: CompileSettings, artifacts: CompileArtif
     # without regional compilation).
     if not settings.dynamic:
         # With static graphs, sizes without one of their own need the dynamic-shape graph (model.graph_route).
-        _add_dynamic_graphs(_regions(pipe, settings), settings.mode if settings.any_size else None)
+        _add_dynamic_graphs(_regions(pipe, settings), settings, artifacts)
     if settings.regional and settings.shared_block_layout:
         _share_single_block_layout(pipe.transformer.single_transformer_blocks[0])
     if settings.text_encoders:
@@ -106,26 +106,29 @@ def _regions(pipe: FluxPipeline, settings: CompileSettings) -> list[torch.nn.Mod
     return [*regions, pipe.vae.decoder] if settings.compile_vae else regions
 
 
-def _add_dynamic_graphs(regions: list[torch.nn.Module], mode: str | None) -> None:
+def _add_dynamic_graphs(regions: list[torch.nn.Module], settings: CompileSettings, artifacts: CompileArtifacts) -> None:
     """Give each region a second compiled function, for the sizes that have no static graph; its eager forward
-    when `mode` is None (`compile_any_size` off).
+    when `compile_any_size` is off.
 
-    It compiles the class's `forward` with its own torch.compile, whose cache entries Dynamo never hands to another
-    torch.compile's calls (its backend check), so the route alone decides which graph a size runs on.
-    `dynamic=True`, so its first size already compiles the symbolic graph: with automatic dynamic shapes the first
-    graph depends on which sizes this code object was traced at before, which a cache miss (static graphs traced)
-    and a hit (static graphs loaded from files) do not share, and the hit compiled three graphs the miss never had.
+    Precompiled like the static regions when they are (a hit then loads it instead of tracing it: 22 s on an
+    H200), else the class's `forward` under its own torch.compile, whose cache entries Dynamo never hands to
+    another torch.compile's calls (its backend check). Either way the route alone decides which graph a size runs on.
+    Both are symbolic from their first size (`dynamic=True`): with automatic dynamic shapes the first graph depends
+    on which sizes this code object was traced at before, which a cache miss (static graphs traced) and a hit
+    (static graphs loaded from files) do not share, and the hit compiled three graphs the miss never had.
     Dimensions fixed by the weights' shapes (channels, heads) and the batch of 1 still specialize.
     """
-    dynamic: dict[type, Callable[..., Any]] = {}
+    if not settings.any_size:
+        dynamic = {type(m): type(m).forward for m in regions}
+    elif settings.precompile:
+        dynamic = precompile.any_size_regions(regions, artifacts, settings.mode)
+    else:
+        dynamic = {
+            kind: torch.compile(kind.forward, mode=settings.mode, fullgraph=True, dynamic=True)
+            for kind in dict.fromkeys(type(m) for m in regions)
+        }
     for module in regions:
-        kind = type(module)
-        if kind not in dynamic:
-            eager = mode is None
-            dynamic[kind] = (
-                kind.forward if eager else torch.compile(kind.forward, mode=mode, fullgraph=True, dynamic=True)
-            )
-        set_compiled_call(module, _routed(module, compiled_call(module), dynamic[kind]))
+        set_compiled_call(module, _routed(module, compiled_call(module), dynamic[type(module)]))
 
 
 def _routed(module: torch.nn.Module, static: Callable[..., Any] | None, dynamic: Callable[..., Any]) -> Callable:

@@ -6,6 +6,10 @@ most of what a hit added to load() (BENCHMARKS.md). `torch.compile(...).aot_comp
 tracing. Each compiled region (a transformer block kind, or the VAE's decoder) gets one such
 function per input signature; the files live under the inductor directory, so every cache backend archives
 them. Guards beyond the signature are not checked: the engine always runs under inference mode.
+
+A region compiled for any size (the dynamic-shape graph of model.compile) is keyed by its inputs without their
+sizes, and keeps its shape guards: a size that one of its functions' guards refuses gets a function of its own
+while load() warms up, and runs eagerly after that, as a Dynamo region does under `eager_on_recompile`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from typing import Any
 import torch
 
 from model.artifacts import CompileArtifacts
-from model.compat import aot_compile_enabled, inductor_mode_options, set_compiled_call
+from model.compat import (
+    aot_compile_enabled,
+    compiling_allowed,
+    failing_on_recompile,
+    inductor_mode_options,
+    set_compiled_call,
+    specialized_floats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,65 +38,100 @@ log = logging.getLogger(__name__)
 COUNTERS = {"compiled": 0, "loaded": 0}
 
 
-def input_signature(value: Any) -> Hashable:
-    """Everything a compiled function specializes on: tensor shape, strides, dtype, device; plain values as is."""
+def input_signature(value: Any, sizes: bool = True) -> Hashable:
+    """Everything a compiled function specializes on: tensor shape, strides, dtype, device; plain values as is.
+    Without `sizes`, a tensor's rank stands for its shape and strides."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), value.stride(), str(value.dtype), str(value.device))
+        layout = (tuple(value.shape), value.stride()) if sizes else (value.dim(),)
+        return ("tensor", *layout, str(value.dtype), str(value.device))
     if isinstance(value, tuple | list):
-        return (type(value).__name__, tuple(input_signature(v) for v in value))
+        return (type(value).__name__, tuple(input_signature(v, sizes) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple((k, input_signature(v)) for k, v in sorted(value.items())))
+        return ("dict", tuple((k, input_signature(v, sizes)) for k, v in sorted(value.items())))
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise TypeError(f"cannot precompile for an input of type {type(value).__name__}")
 
 
-class PrecompiledRegion:
-    """One compiled region: `function(owner, *args, **kwargs)`, with a compiled function per input signature.
+def keep_input_and_shape_guards(entries: list[Any]) -> list[bool]:
+    """The guards a function compiled for any size keeps: its inputs' tensor guards and the relations between
+    their symbolic sizes, which say which sizes its code is valid for. Parameters' guards go, as for every region."""
+    tensor_guards = torch.compiler.keep_tensor_guards_unsafe(entries)
+    return [keep or entry.guard_type == "SHAPE_ENV" for keep, entry in zip(tensor_guards, entries, strict=True)]
 
-    A signature seen for the first time loads its file when there is one, and otherwise compiles and saves it.
+
+class PrecompiledRegion:
+    """One compiled region: `function(owner, *args, **kwargs)`, with compiled functions per input signature.
+
+    A signature seen for the first time loads its files when there are some, and otherwise compiles and saves one.
+    With `any_size` the signature leaves out sizes, and the first function whose guards accept the call runs it.
     """
 
-    def __init__(self, name: str, function: Callable[..., Any], directory: Path, mode: str, dynamic: bool) -> None:
+    def __init__(
+        self, name: str, function: Callable[..., Any], directory: Path, mode: str, dynamic: bool, any_size: bool = False
+    ) -> None:
         self.name = name
         self.directory = directory
+        self.function = function
+        self.any_size = any_size
         inductor_options = {
             **inductor_mode_options(mode),
             # Parameters are inputs, not constants, so one function serves every block of a kind. The signature
             # checked in __call__ covers the tensor guards; the others (module identity) cannot be saved.
-            "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe,
+            "guard_filter_fn": keep_input_and_shape_guards if any_size else torch.compiler.keep_tensor_guards_unsafe,
         }
         with aot_compile_enabled():
-            self._compile = torch.compile(function, fullgraph=True, dynamic=dynamic, options=inductor_options)
-        self._functions: dict[Hashable, Callable[..., Any]] = {}
+            self._compile = torch.compile(
+                function, fullgraph=True, dynamic=True if any_size else dynamic, options=inductor_options
+            )
+        self._functions: dict[Hashable, list[Callable[..., Any]]] = {}
 
     def __call__(self, owner: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        key = input_signature((args, kwargs))
-        compiled = self._functions.get(key)
+        key = input_signature((args, kwargs), sizes=not self.any_size)
+        functions = self._functions.get(key)
+        if functions is None:
+            functions = self._functions[key] = self._load(key)
+        # Guards are checked here, once, and only for any size: a full signature already matched.
+        accepting = (f for f in functions if not self.any_size or f.guard_check(owner, *args, **kwargs))
+        compiled = next(accepting, None)
         if compiled is None:
-            compiled = self._functions[key] = self._load_or_compile(key, owner, args, kwargs)
+            if not compiling_allowed():
+                if failing_on_recompile():
+                    raise RuntimeError(f"{self.name}: no compiled function accepts this input, and compiling is off")
+                log.warning("%s: no compiled function accepts this input's sizes; running it eagerly", self.name)
+                return self.function(owner, *args, **kwargs)
+            compiled = self._compile_and_save(key, len(functions), owner, args, kwargs)
+            functions.append(compiled)
         return compiled(owner, *args, **kwargs)
 
-    def _path(self, key: Hashable) -> Path:
+    def _path(self, key: Hashable, index: int = 0) -> Path:
         digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-        return self.directory / f"{self.name}-{digest}.bin"
+        return self.directory / f"{self.name}-{digest}{f'-{index}' if index else ''}.bin"
 
-    def _load_or_compile(self, key: Hashable, owner: torch.nn.Module, args: tuple, kwargs: dict) -> Callable[..., Any]:
-        path = self._path(key)
-        if path.is_file():
+    def _load(self, key: Hashable) -> list[Callable[..., Any]]:
+        """The saved functions of `key`, in the order they were compiled; a damaged file ends the list there."""
+        functions: list[Callable[..., Any]] = []
+        while (path := self._path(key, len(functions))).is_file():
             try:
                 with path.open("rb") as file:
                     compiled = torch.compiler.load_compiled_function(file)
             except Exception as exc:  # a damaged or incompatible file costs a compile, never a failure
                 log.warning("precompiled %s unusable, compiling again: %r", path.name, exc)
-            else:
-                compiled.disable_guard_check()  # the signature above already matched
-                COUNTERS["loaded"] += 1
-                return compiled
-        compiled = self._compile.aot_compile(((owner, *args), kwargs))
+                break
+            compiled.disable_guard_check()  # checked in __call__ where needed
+            COUNTERS["loaded"] += 1
+            functions.append(compiled)
+        return functions
+
+    def _compile_and_save(
+        self, key: Hashable, index: int, owner: torch.nn.Module, args: tuple, kwargs: dict
+    ) -> Callable[..., Any]:
+        with specialized_floats(self.any_size):
+            compiled = self._compile.aot_compile(((owner, *args), kwargs))
         compiled.disable_guard_check()
         COUNTERS["compiled"] += 1
         self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(key, index)
         compiled.save_compiled_function(str(path))
         log.info("precompiled %s for a new input signature: %s", self.name, path.name)
         return compiled
@@ -101,6 +147,16 @@ def precompile_modules(modules: list[torch.nn.Module], artifacts: CompileArtifac
                 f"{kind.__name__}.forward", kind.forward, artifacts.precompiled_dir, mode, dynamic
             )
         set_compiled_call(module, _bound(regions[kind], module))
+
+
+def any_size_regions(modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str) -> dict[type, Callable]:
+    """Per class of `modules`, its forward compiled ahead of time for any size: `call(owner, *args, **kwargs)`."""
+    return {
+        kind: PrecompiledRegion(
+            f"{kind.__name__}.forward.any_size", kind.forward, artifacts.precompiled_dir, mode, True, any_size=True
+        )
+        for kind in dict.fromkeys(type(m) for m in modules)
+    }
 
 
 def _bound(region: PrecompiledRegion, owner: torch.nn.Module) -> Callable[..., Any]:

@@ -162,8 +162,8 @@ class CompileSettings:
     @property
     def only_precompiled(self) -> bool:
         """Whether every compiled function is saved as a file (model.precompile): only then does a hit never read
-        Inductor's graph entries. The dynamic-shape graph and the text encoders are Dynamo's own compiles."""
-        return self.precompile and not self.dynamic_graph and not self.text_encoders
+        Inductor's graph entries. The text encoders are Dynamo's own compile."""
+        return self.precompile and not self.text_encoders
 
 
 @dataclass(frozen=True)
