@@ -121,7 +121,7 @@ def _add_dynamic_graphs(regions: list[torch.nn.Module], settings: CompileSetting
     if not settings.any_size:
         dynamic = {type(m): type(m).forward for m in regions}
     elif settings.precompile:
-        dynamic = precompile.any_size_regions(regions, artifacts, settings.mode)
+        dynamic = precompile.precompiled_regions(regions, artifacts, settings.mode, any_size=True)
     else:
         dynamic = {
             kind: torch.compile(kind.forward, mode=settings.mode, fullgraph=True, dynamic=True)
@@ -148,7 +148,7 @@ def _precompile(pipe: FluxPipeline, settings: CompileSettings, artifacts: Compil
     # A parameter that requires grad makes aot_compile capture a training graph, which inference mode rejects.
     pipe.transformer.requires_grad_(False)
     pipe.vae.requires_grad_(False)
-    precompile.precompile_modules(_regions(pipe, settings), artifacts, settings.mode, settings.dynamic)
+    precompile.precompile_modules(_regions(pipe, settings), artifacts, settings.mode, any_size=settings.dynamic)
 
 
 def _share_single_block_layout(first_single_block: torch.nn.Module) -> None:

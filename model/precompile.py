@@ -8,8 +8,9 @@ function per input signature; the files live under the inductor directory, so ev
 them. Guards beyond the signature are not checked: the engine always runs under inference mode.
 
 A region compiled for any size (the dynamic-shape graph of model.compile) is keyed by its inputs without their
-sizes, and keeps its shape guards: a size that one of its functions' guards refuses gets a function of its own
-while load() warms up, and runs eagerly after that, as a Dynamo region does under `eager_on_recompile`.
+sizes, and keeps its shape guards: a size that one of its functions' guards refuses gets a function of its own.
+Like Dynamo's regions, no region compiles once load() has set the `eager_on_recompile` stance: an input nothing
+was compiled for then runs eagerly.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class PrecompiledRegion:
     """
 
     def __init__(
-        self, name: str, function: Callable[..., Any], directory: Path, mode: str, dynamic: bool, any_size: bool = False
+        self, name: str, function: Callable[..., Any], directory: Path, mode: str, any_size: bool = False
     ) -> None:
         self.name = name
         self.directory = directory
@@ -81,9 +82,7 @@ class PrecompiledRegion:
             "guard_filter_fn": keep_input_and_shape_guards if any_size else torch.compiler.keep_tensor_guards_unsafe,
         }
         with aot_compile_enabled():
-            self._compile = torch.compile(
-                function, fullgraph=True, dynamic=True if any_size else dynamic, options=inductor_options
-            )
+            self._compile = torch.compile(function, fullgraph=True, dynamic=any_size, options=inductor_options)
         self._functions: dict[Hashable, list[Callable[..., Any]]] = {}
 
     def __call__(self, owner: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -95,10 +94,11 @@ class PrecompiledRegion:
         accepting = (f for f in functions if not self.any_size or f.guard_check(owner, *args, **kwargs))
         compiled = next(accepting, None)
         if compiled is None:
+            # After load()'s warm-up, an input nothing was compiled for runs eagerly, as under Dynamo's stance.
             if not compiling_allowed():
                 if failing_on_recompile():
                     raise RuntimeError(f"{self.name}: no compiled function accepts this input, and compiling is off")
-                log.warning("%s: no compiled function accepts this input's sizes; running it eagerly", self.name)
+                log.warning("%s: no compiled function accepts this input; running it eagerly", self.name)
                 return self.function(owner, *args, **kwargs)
             compiled = self._compile_and_save(key, len(functions), owner, args, kwargs)
             functions.append(compiled)
@@ -137,26 +137,24 @@ class PrecompiledRegion:
         return compiled
 
 
-def precompile_modules(modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str, dynamic: bool) -> None:
-    """Route calls of `modules` through one PrecompiledRegion of their forward per class, as nn.Module.compile does."""
-    regions: dict[type, PrecompiledRegion] = {}
-    for module in modules:
-        kind = type(module)
-        if kind not in regions:
-            regions[kind] = PrecompiledRegion(
-                f"{kind.__name__}.forward", kind.forward, artifacts.precompiled_dir, mode, dynamic
-            )
-        set_compiled_call(module, _bound(regions[kind], module))
-
-
-def any_size_regions(modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str) -> dict[type, Callable]:
-    """Per class of `modules`, its forward compiled ahead of time for any size: `call(owner, *args, **kwargs)`."""
+def precompiled_regions(
+    modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str, any_size: bool
+) -> dict[type, PrecompiledRegion]:
+    """One PrecompiledRegion of the forward of each class among `modules`, shared by all its modules."""
+    suffix = ".any_size" if any_size else ""
     return {
         kind: PrecompiledRegion(
-            f"{kind.__name__}.forward.any_size", kind.forward, artifacts.precompiled_dir, mode, True, any_size=True
+            f"{kind.__name__}.forward{suffix}", kind.forward, artifacts.precompiled_dir, mode, any_size
         )
         for kind in dict.fromkeys(type(m) for m in modules)
     }
+
+
+def precompile_modules(modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str, any_size: bool) -> None:
+    """Route calls of `modules` through their class's PrecompiledRegion, as nn.Module.compile does."""
+    regions = precompiled_regions(modules, artifacts, mode, any_size)
+    for module in modules:
+        set_compiled_call(module, _bound(regions[type(module)], module))
 
 
 def _bound(region: PrecompiledRegion, owner: torch.nn.Module) -> Callable[..., Any]:

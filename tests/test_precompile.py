@@ -42,7 +42,7 @@ def eager(module: Gate, x: torch.Tensor, double: bool) -> torch.Tensor:
 @pytest.fixture
 def gates(tmp_path: Path) -> list[Gate]:
     modules = [Gate(seed).requires_grad_(False) for seed in (1, 2)]
-    precompile_modules(modules, CompileArtifacts(tmp_path, KEY), mode="default", dynamic=False)
+    precompile_modules(modules, CompileArtifacts(tmp_path, KEY), mode="default", any_size=False)
     return modules
 
 
@@ -74,7 +74,7 @@ def test_a_fresh_process_loads_instead_of_compiling(gates: list[Gate], tmp_path:
     torch._dynamo.reset()  # nothing traced survives, as in a new process
 
     restarted = Gate(1).requires_grad_(False)
-    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", dynamic=False)
+    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", any_size=False)
     before = counters()
     torch.testing.assert_close(restarted(x, double=False), expected)
     assert counters()["loaded"] - before["loaded"] == 1
@@ -89,7 +89,7 @@ def test_a_damaged_file_is_compiled_again(gates: list[Gate], tmp_path: Path, cap
     saved.write_bytes(b"not a compiled function")
 
     restarted = Gate(1).requires_grad_(False)
-    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", dynamic=False)
+    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", any_size=False)
     before = counters()
     torch.testing.assert_close(restarted(x, double=False), eager(restarted, x, False))
     assert counters()["compiled"] - before["compiled"] == 1
@@ -125,3 +125,69 @@ def test_each_fingerprint_keeps_its_own_functions(
         assert counters()["compiled"] - before["compiled"] == 2
         assert counters()["loaded"] == before["loaded"]
         assert len(list(artifacts.precompiled_dir.glob("*.bin"))) == 2
+
+
+class SizeBranch(torch.nn.Module):
+    """A stand-in whose code depends on its input's size, as the convolutions' kernel choice does: a shape guard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y.relu() if x.shape[0] > 5 else y.sigmoid()
+
+
+def any_size(module: torch.nn.Module, tmp_path: Path) -> None:
+    precompile_modules([module], CompileArtifacts(tmp_path, KEY), mode="default", any_size=True)
+
+
+@torch.inference_mode()
+def test_one_function_compiled_for_any_size_serves_sizes_it_never_saw(tmp_path: Path) -> None:
+    module = Gate(1).requires_grad_(False)
+    any_size(module, tmp_path)
+    before = counters()
+    for rows in (3, 4, 7, 12):
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(module(x, double=False), eager(module, x, False))
+    assert counters()["compiled"] - before["compiled"] == 1
+    assert len(list(CompileArtifacts(tmp_path, KEY).precompiled_dir.glob("Gate.forward.any_size-*.bin"))) == 1
+
+
+@torch.inference_mode()
+def test_a_size_its_guards_refuse_gets_its_own_function_and_both_are_restored(tmp_path: Path) -> None:
+    module = SizeBranch().requires_grad_(False)
+    any_size(module, tmp_path)
+    small, large = torch.randn(3, 8), torch.randn(9, 8)
+    before = counters()
+    expected = [module(small), module(large), module(torch.randn(4, 8))]
+    assert counters()["compiled"] - before["compiled"] == 2, "3 and 4 rows share one function, 9 rows needs another"
+    torch.testing.assert_close(expected[1], SizeBranch.forward(module, large))
+
+    torch._dynamo.reset()  # as in a new process
+    restarted = SizeBranch().requires_grad_(False)
+    any_size(restarted, tmp_path)
+    before = counters()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        torch.testing.assert_close(restarted(small), expected[0])
+        torch.testing.assert_close(restarted(large), expected[1])
+        restarted(torch.randn(20, 8))
+    assert counters()["loaded"] - before["loaded"] == 2
+    assert counters()["compiled"] == before["compiled"]
+
+
+@torch.inference_mode()
+def test_after_warm_up_an_input_nothing_was_compiled_for_runs_eagerly(
+    gates: list[Gate], caplog: pytest.LogCaptureFixture
+) -> None:
+    x = torch.randn(4, 8)
+    gates[0](x, double=False)
+    before = counters()
+    with torch.compiler.set_stance("eager_on_recompile"):
+        torch.testing.assert_close(gates[0](x, double=True), eager(gates[0], x, True))
+    assert counters() == before, "nothing compiled or loaded"
+    assert "running it eagerly" in caplog.text
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(RuntimeError, match="compiling is off"):
+        gates[0](torch.randn(5, 8), double=False)
