@@ -119,19 +119,12 @@ def b10fs_enabled_by_b10_transfer() -> bool:
     return _is_b10fs_enabled()
 
 
-def compiling_allowed() -> bool:
-    """Whether torch.compile's stance lets a new graph compile now; load() sets `eager_on_recompile` once its
-    warm-up is done, and a region compiled ahead of time follows the same rule. torch has no public getter."""
+def compile_stance() -> str:
+    """torch.compile's current stance: "default" lets a graph compile, and load() sets "eager_on_recompile" once its
+    warm-up is done; regions compiled ahead of time follow it too (model.precompile). torch has no public getter."""
     from torch._dynamo.eval_frame import _stance
 
-    return _stance.stance == "default"
-
-
-def failing_on_recompile() -> bool:
-    """Whether the stance is `fail_on_recompile`, under which a needed compile must raise (the tests' check)."""
-    from torch._dynamo.eval_frame import _stance
-
-    return _stance.stance == "fail_on_recompile"
+    return _stance.stance
 
 
 @contextmanager

@@ -26,8 +26,7 @@ import torch
 from model.artifacts import CompileArtifacts
 from model.compat import (
     aot_compile_enabled,
-    compiling_allowed,
-    failing_on_recompile,
+    compile_stance,
     inductor_mode_options,
     set_compiled_call,
     specialized_floats,
@@ -95,8 +94,8 @@ class PrecompiledRegion:
         compiled = next(accepting, None)
         if compiled is None:
             # After load()'s warm-up, an input nothing was compiled for runs eagerly, as under Dynamo's stance.
-            if not compiling_allowed():
-                if failing_on_recompile():
+            if (stance := compile_stance()) != "default":
+                if stance == "fail_on_recompile":
                     raise RuntimeError(f"{self.name}: no compiled function accepts this input, and compiling is off")
                 log.warning("%s: no compiled function accepts this input; running it eagerly", self.name)
                 return self.function(owner, *args, **kwargs)

@@ -90,3 +90,19 @@ def test_the_allocator_settings_are_set_without_a_deprecation_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.set_cuda_allocator_settings("expandable_segments:True")
+
+
+def test_the_compile_stance_is_read_back() -> None:
+    assert compat.compile_stance() == "default"
+    with torch.compiler.set_stance("eager_on_recompile"):
+        assert compat.compile_stance() == "eager_on_recompile"
+
+
+def test_floats_are_specialized_only_inside_the_block() -> None:
+    config = torch._dynamo.config
+    before = config.specialize_float
+    with compat.specialized_floats():
+        assert config.specialize_float is True
+    with compat.specialized_floats(False):
+        assert config.specialize_float is before
+    assert config.specialize_float is before
