@@ -25,6 +25,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "fuse_qkv": {"fuse_qkv": True},
     "no_fuse_qkv": {"fuse_qkv": False},
     "channels_last": {"vae_channels_last": True},
+    "postprocess_on_device": {"postprocess_on_device": True},
     "cudnn": {"attention_backend": "_native_cudnn"},
     "flash": {"attention_backend": "_native_flash"},
     "sdpa": {"attention_backend": None},

@@ -13,6 +13,7 @@ from diffusers import FluxPipeline
 
 from model.blocks import BlockHook
 from model.compat import set_cuda_allocator_settings
+from model.images import OnDevicePostprocessor
 from model.settings import Optimizations
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
     """
     if opts.fuse_qkv:
         pipe.transformer.fuse_qkv_projections()
+    if opts.postprocess_on_device:
+        pipe.image_processor = OnDevicePostprocessor.from_config(pipe.image_processor.config)
     if opts.attention_backend:
         pipe.transformer.set_attention_backend(opts.attention_backend)
     if opts.vae_channels_last:

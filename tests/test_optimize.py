@@ -69,3 +69,22 @@ def test_quantizing_leaves_inductor_settings_alone(precision: str) -> None:
             assert "compute capability" in str(exc)
         assert not config.coordinate_descent_tuning
         assert not config.coordinate_descent_check_all_directions
+
+
+def test_postprocessing_on_the_device_gives_the_same_bytes(settings: Settings, engine: FluxEngine) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    from model.images import OnDevicePostprocessor
+
+    # The decoder's range and past it, in bf16, with 0.0, which lands on 127.5 and tests the rounding of halves.
+    values = torch.cat([torch.tensor([0.0, -1.0, 1.0]), torch.linspace(-1.1, 1.1, 8 * 3 * 16 * 16 - 3)])
+    decoded = values.to(torch.bfloat16).reshape(8, 3, 16, 16)
+    reference = VaeImageProcessor(vae_scale_factor=16).postprocess(decoded, output_type="pil")
+    on_device = OnDevicePostprocessor(vae_scale_factor=16).postprocess(decoded, output_type="pil")
+    assert [np.asarray(i).tobytes() for i in on_device] == [np.asarray(i).tobytes() for i in reference]
+
+    pipe = load_pipeline(settings, device="cpu")
+    optimize(pipe, Optimizations(postprocess_on_device=True))
+    assert isinstance(pipe.image_processor, OnDevicePostprocessor)
+    switched = FluxEngine(pipe, settings.resolutions, settings.text_lengths)
+    assert np.array_equal(pixels(switched), pixels(engine))
