@@ -95,6 +95,13 @@ def kernel_breakdown(run: Callable[[], object], top: int = 12) -> dict:
 
 def kernels_by_phase(engine: object, job: object) -> dict[str, float]:
     """GPU kernel milliseconds of each phase of one single-image request, each phase profiled on its own."""
+    import torch
+
+    with torch.inference_mode():  # as the engine runs them: eager weights still require grad
+        return _kernels_by_phase(engine, job)
+
+
+def _kernels_by_phase(engine: object, job: object) -> dict[str, float]:
     embeds, pooled = engine.encode_text(job)  # type: ignore[attr-defined]
     latents = engine.denoise(job, embeds, pooled, job.seed)  # type: ignore[attr-defined]
     phases: dict[str, Callable[[], object]] = {
