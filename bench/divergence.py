@@ -5,8 +5,9 @@
 
 Each process loads the model (the first fills a local compile cache, the later ones restore it), serves one
 request, and records a digest of every tensor that the text encoders, each transformer block call and the VAE's
-decoder return, in call order, then of the JPEG. The parent prints each process's record against the first one's:
-the first entry that differs names the module and the call where the outputs part, and so the kernel to look at.
+decoder return, in call order, then of the JPEG, then of the Triton configurations Inductor chose by timing
+candidates. The parent prints each process's record against the first one's: the first entry that differs names
+the module and the call where the outputs part, and so the kernel to look at.
 """
 
 from __future__ import annotations
@@ -85,7 +86,20 @@ def child(size: str) -> list[tuple[str, str]]:
         resolution = Resolution.parse(size)
         request = GenerateRequest(**REQUEST, width=resolution.width, height=resolution.height)
         response = model.predict(request, NO_BODY)
-    return [*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16])]
+    return [*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16]), autotune_choices()]
+
+
+def autotune_choices() -> tuple[str, str]:
+    """The Triton configurations Inductor chose by timing candidates, as this process's cache holds them: two
+    processes that chose differently compute some reductions in another order."""
+    from model.compat import inductor_cache_dir
+
+    root = inductor_cache_dir()
+    files = sorted(root.rglob("*.best_config"))
+    hasher = hashlib.sha256()
+    for path in files:
+        hasher.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return ("autotune_choices", f"{len(files)} files {hasher.hexdigest()[:16]}")
 
 
 def first_difference(reference: list[list[str]], other: list[list[str]]) -> dict:
