@@ -83,7 +83,8 @@ def test_no_request_compiles_after_warm_up(miss_then_hit: tuple[dict, dict]) -> 
 
 # --- the dynamic-shape graph beside the static ones -------------------------------------------------
 
-DYNAMIC_ENV = {**ENV, "FLUX_RESOLUTIONS": "256x256", "FLUX_TEXT_LENGTHS": "256,512", "FLUX_COMPILE_ANY_SIZE": "1"}
+# The transformer's blocks only: the decoder's graphs take longest to compile on a CPU and would add nothing here.
+DYNAMIC_ENV = {**ENV, "FLUX_RESOLUTIONS": "256x256", "FLUX_COMPILE_ANY_SIZE": "1", "FLUX_COMPILE_VAE": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +95,7 @@ def dynamic_miss_then_hit(tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
 
 def test_a_hit_restores_the_dynamic_graph_as_the_miss_compiled_it(dynamic_miss_then_hit: tuple[dict, dict]) -> None:
     miss, hit = dynamic_miss_then_hit
-    static_regions = 3 * len(DYNAMIC_ENV["FLUX_TEXT_LENGTHS"].split(","))
-    assert compiled_regions(miss) > static_regions, "the miss compiled the dynamic graph too"
+    assert compiled_regions(miss) > 2, "the miss compiled the dynamic graph beside the two static block kinds"
     # A hit that lacked the miss's dynamic graph, or traced a different one, would compile it (and its transpose).
     assert (hit["restore"], compiled_regions(hit), hit["save"]) == ("hit", 0, None), hit
     assert hit["precompiled_loaded"] + hit["cached_graphs"] == compiled_regions(miss)
