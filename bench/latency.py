@@ -272,12 +272,11 @@ def several_images(model: object, request: object, count: int, runs: int) -> dic
     import torch
 
     from bench import NO_BODY
+    from model.coldstart import CompileCounters
 
     engine = model._engine  # type: ignore[attr-defined]
     several = request.model_copy(update={"num_outputs": count})  # type: ignore[attr-defined]
     job = engine.job_for(several)
-    from model.coldstart import CompileCounters
-
     before = CompileCounters.now()
     # Untimed, and allowed to compile the batch's own graphs, as a batched num_outputs would at load().
     with torch.compiler.set_stance("default"):
