@@ -98,18 +98,14 @@ def kernels_by_phase(engine: object, job: object) -> dict[str, float]:
     import torch
 
     with torch.inference_mode():  # as the engine runs them: eager weights still require grad
-        return _kernels_by_phase(engine, job)
-
-
-def _kernels_by_phase(engine: object, job: object) -> dict[str, float]:
-    embeds, pooled = engine.encode_text(job)  # type: ignore[attr-defined]
-    latents = engine.denoise(job, embeds, pooled, job.seed)  # type: ignore[attr-defined]
-    phases: dict[str, Callable[[], object]] = {
-        "text": lambda: engine.encode_text(job),  # type: ignore[attr-defined]
-        "denoise": lambda: engine.denoise(job, embeds, pooled, job.seed),  # type: ignore[attr-defined]
-        "decode": lambda: engine.decode(latents, job.resolution),  # type: ignore[attr-defined]
-    }
-    return {phase: kernel_breakdown(run, top=0)["gpu_busy_ms"] for phase, run in phases.items()}
+        embeds, pooled = engine.encode_text(job)  # type: ignore[attr-defined]
+        latents = engine.denoise(job, embeds, pooled, job.seed)  # type: ignore[attr-defined]
+        phases: dict[str, Callable[[], object]] = {
+            "text": lambda: engine.encode_text(job),  # type: ignore[attr-defined]
+            "denoise": lambda: engine.denoise(job, embeds, pooled, job.seed),  # type: ignore[attr-defined]
+            "decode": lambda: engine.decode(latents, job.resolution),  # type: ignore[attr-defined]
+        }
+        return {phase: kernel_breakdown(run, top=0)["gpu_busy_ms"] for phase, run in phases.items()}
 
 
 def batched_images(engine: object, job: object) -> list[object]:
@@ -118,7 +114,6 @@ def batched_images(engine: object, job: object) -> list[object]:
     (see several_images)."""
     import torch
 
-    from model.compat import unpack_latents
     from model.schema import SCHNELL_GUIDANCE
 
     pipe = engine.pipe  # type: ignore[attr-defined]
@@ -137,10 +132,7 @@ def batched_images(engine: object, job: object) -> list[object]:
             output_type="latent",
             return_dict=False,
         )[0]
-        latents = unpack_latents(pipe, packed, size.height, size.width)
-        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-        pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(pixels, output_type="pil")
+        return engine.decode_batch(packed, size)  # type: ignore[attr-defined]
 
 
 def child(

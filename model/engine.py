@@ -174,11 +174,15 @@ class FluxEngine:
         )[0]
 
     def decode(self, packed_latents: torch.Tensor, resolution: Resolution) -> Image.Image:
+        return self.decode_batch(packed_latents, resolution)[0]
+
+    def decode_batch(self, packed_latents: torch.Tensor, resolution: Resolution) -> list[Image.Image]:
+        """One image per latent of the batch (a request's is a batch of one)."""
         pipe = self.pipe
         latents = unpack_latents(pipe, packed_latents, resolution.height, resolution.width)
         latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
-        return pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
 
     def respond(self, job: Job, images: list[Image.Image]) -> GenerateResponse:
         encoded = [
