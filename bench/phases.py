@@ -1,10 +1,10 @@
 """Phase timing attached to an engine from outside, as flux-fast's `annotate` attaches profiling.
 
 The engine runs a request in named phases (FluxEngine.encode_text, denoise, decode, respond; denoise and decode
-once per image). `timed_phases`
-wraps those methods on one engine instance for the duration of a `with` block, synchronizing the GPU at each
-phase's end so the seconds are the GPU's too, and records one dict per request. Nothing in the engine knows:
-a benchmark times its own engine, one request at a time, so no request can write another's figures.
+once per image). `timed_phases` wraps those methods on one engine instance for the duration of a `with` block,
+synchronizing the GPU at each phase's end so the seconds are the GPU's too, and records one dict per request.
+Nothing in the engine knows: a benchmark times its own engine, one request at a time, so no request can write
+another's figures.
 With `memory=True` each phase also reports the most GPU memory allocated while it ran (`<phase>_peak_gib`); that
 resets the process's peak statistics, so read the peaks of a whole run before.
 """
