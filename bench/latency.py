@@ -14,6 +14,7 @@ against eager and the fraction of the arithmetic floor reached.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import statistics
@@ -106,6 +107,63 @@ def kernels_by_phase(engine: object, job: object) -> dict[str, float]:
             "decode": lambda: engine.decode(latents, job.resolution),  # type: ignore[attr-defined]
         }
         return {phase: kernel_breakdown(run, top=0)["gpu_busy_ms"] for phase, run in phases.items()}
+
+
+# Stretches shorter than this between kernels are launch latency, not idle time worth a name.
+MIN_GAP_US = 20.0
+
+
+def idle_gaps(engine: object, run: Callable[[], object], top: int = 12) -> dict:
+    """Where the GPU waits during one call of `run`: every stretch of at least MIN_GAP_US with no kernel or copy
+    running, named by the phase (bench.phases.PHASES) and the innermost host operation running at its middle
+    ("python" when the host was between operations), summed by phase and by operation."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.phases import PHASES, annotated_phases
+
+    torch.cuda.synchronize()
+    with annotated_phases(engine), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # type: ignore[arg-type]
+        run()
+        torch.cuda.synchronize()
+    events = prof.events()
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    phase_names = set(PHASES.values())
+    phases = [e for e in events if e.device_type == DeviceType.CPU and e.name in phase_names]
+    host = sorted(
+        (e for e in events if e.device_type == DeviceType.CPU and e.name not in phase_names),
+        key=lambda e: e.time_range.start,
+    )
+    starts = [e.time_range.start for e in host]
+
+    def innermost(moment: float) -> str:
+        # The latest-starting operation still running at `moment`; a few thousand back is far enough to look.
+        index = bisect.bisect_right(starts, moment)
+        for e in reversed(host[max(0, index - 2000) : index]):
+            if e.time_range.end >= moment:
+                return e.name
+        return "python"
+
+    by_phase: dict[str, float] = {}
+    by_operation: dict[str, float] = {}
+    # Before the first kernel: from the first phase's start (the host's work before it launches anything).
+    end = min((e.time_range.start for e in phases), default=busy[0][0] if busy else 0.0)
+    for start, stop in busy:
+        gap = start - end
+        if gap >= MIN_GAP_US:
+            middle = end + gap / 2
+            phase = next((e.name for e in phases if e.time_range.start <= middle <= e.time_range.end), "between phases")
+            by_phase[phase] = by_phase.get(phase, 0.0) + gap / 1e3
+            key = f"{phase}: {innermost(middle)}"
+            by_operation[key] = by_operation.get(key, 0.0) + gap / 1e3
+        end = max(end, stop)
+    ordered = sorted(by_operation.items(), key=lambda kv: -kv[1])
+    return {
+        "idle_ms": round(sum(by_phase.values()), 1),
+        "idle_ms_by_phase": {k: round(v, 1) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+        "idle_ms_by_operation": {k: round(v, 2) for k, v in ordered[:top]},
+    }
 
 
 def batched_images(engine: object, job: object) -> list[object]:
@@ -215,6 +273,7 @@ def child(
             # What no kernel covers: launches, host work and syncs between them.
             kernels["idle_ms"] = round(per_shape[resolutions[0]]["p50_s"] * 1e3 - kernels["gpu_busy_ms"], 1)
             kernels["gpu_busy_ms_by_phase"] = kernels_by_phase(engine, engine.job_for(first_request))
+            kernels["gaps"] = idle_gaps(engine, lambda: model.predict(first_request, NO_BODY))
             result["kernels_one_request"] = kernels
         except Exception as exc:  # the latency figures above are worth keeping without the profile
             result["kernels_one_request"] = {"error": repr(exc)}

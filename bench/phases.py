@@ -70,11 +70,37 @@ def timed_phases(engine: FluxEngine, memory: bool = False) -> Iterator[list[dict
 
         return wrapper
 
+    with _wrapped_phases(engine, timed):
+        yield requests
+
+
+@contextmanager
+def annotated_phases(engine: FluxEngine) -> Iterator[None]:
+    """Name each phase in torch.profiler's trace (flux-fast's `annotate`): each phase runs inside a
+    `record_function` range called by its PHASES name."""
+    import torch
+
+    def annotated(_method_name: str, phase: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with torch.profiler.record_function(phase):
+                return method(*args, **kwargs)
+
+        return wrapper
+
+    with _wrapped_phases(engine, annotated):
+        yield
+
+
+@contextmanager
+def _wrapped_phases(
+    engine: FluxEngine, wrap: Callable[[str, str, Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """Route each phase method of this engine instance through `wrap(method name, phase, method)` inside the block."""
     originals = {name: getattr(engine, name) for name in PHASES}
     for name, phase in PHASES.items():
-        setattr(engine, name, timed(name, phase, originals[name]))
+        setattr(engine, name, wrap(name, phase, originals[name]))
     try:
-        yield requests
+        yield
     finally:
         for name in PHASES:
             delattr(engine, name)  # the instance attributes go; the class's methods show through again

@@ -135,3 +135,17 @@ def specialized_floats(on: bool = True) -> Iterator[None]:
 
     with torch._dynamo.config.patch(specialize_float=True) if on else nullcontext():
         yield
+
+
+def set_inductor_option(name: str, value: Any) -> Any:
+    """Set one of Inductor's process-wide options (`torch._inductor.config`), returning its previous value.
+
+    Used for `layout_optimization` (whether Inductor may turn convolutions channels-last) and `deterministic` (no
+    kernel configuration chosen by timing where the choice changes numerics); both are read when a graph compiles,
+    and both are part of Inductor's own cache key.
+    """
+    import torch._inductor.config
+
+    previous = getattr(torch._inductor.config, name)
+    setattr(torch._inductor.config, name, value)
+    return previous

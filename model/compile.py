@@ -16,6 +16,7 @@ from model.compat import (
     compiled_call,
     repeated_block_names,
     set_compiled_call,
+    set_inductor_option,
 )
 from model.graph_route import on_dynamic_graph
 from model.settings import CompileSettings
@@ -36,8 +37,10 @@ def compile_pipeline(
     allow_recompiles(2 * shapes + 3)
     # A previous load() in this process sealed its graphs (model.coldstart); this one compiles.
     torch.compiler.set_stance("default")
+    deterministic_before = set_inductor_option("deterministic", settings.deterministic)
 
     def undo() -> None:
+        set_inductor_option("deterministic", deterministic_before)
         for module in [*pipe.transformer.modules(), pipe.vae.decoder, *_text_encoder_layers(pipe)]:
             set_compiled_call(module, None)
         torch.compiler.set_stance("default")

@@ -22,7 +22,7 @@ from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
 from model.images import to_base64
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
-from model.prompts import encode_prompts
+from model.prompts import TextEncoders, encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
 from model.schema import (
     DEFAULT_OUTPUT_QUALITY,
@@ -85,6 +85,8 @@ class FluxEngine:
         self.sizes = sizes if sizes is not None else SizeSettings()
         # A budget of 0 keeps nothing: every request runs the text encoders (a warm-up, a test).
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptEmbeddingCache(0)
+        # The pipeline's own encoders until load() swaps in faster ones that give the same bytes (model.text_graphs).
+        self.text_encoders: TextEncoders | None = None
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
@@ -154,7 +156,9 @@ class FluxEngine:
         key = PromptKey(job.prompt, job.prompt2, job.text_length, job.max_tokens)
         if (cached := self.prompt_cache.get(key)) is not None:
             return cached
-        embeddings = encode_prompts(self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length)
+        embeddings = encode_prompts(
+            self.pipe, job.prompt, job.prompt2, job.max_tokens, job.text_length, self.text_encoders
+        )
         self.prompt_cache.put(key, embeddings)
         return embeddings
 

@@ -25,6 +25,7 @@ from model.precision import gpu_facts
 from model.prompt_cache import PromptEmbeddingCache
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
+from model.text_graphs import capture_text_encoders
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class Model:
         weights_s = time.perf_counter() - started
         self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s
+        if opts.text_encoder_cuda_graphs:
+            # After the warm-up: compiled encoder layers have compiled, and what is captured is what serves.
+            engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
         self._engine = engine
         log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.sizes.bounds)
 

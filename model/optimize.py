@@ -12,7 +12,7 @@ import torch
 from diffusers import FluxPipeline
 
 from model.blocks import BlockHook
-from model.compat import set_cuda_allocator_settings
+from model.compat import set_cuda_allocator_settings, set_inductor_option
 from model.images import OnDevicePostprocessor
 from model.settings import Optimizations
 
@@ -33,6 +33,8 @@ def optimize(pipe: FluxPipeline, opts: Optimizations) -> None:
         pipe.transformer.set_attention_backend(opts.attention_backend)
     if opts.vae_channels_last:
         pipe.vae.to(memory_format=torch.channels_last)
+    # Set either way: the option is process-wide and a previous load() in this process may have turned it off.
+    set_inductor_option("layout_optimization", not opts.vae_compiled_nchw)
     if opts.vae_inplace_silu:
         for module in pipe.vae.decoder.modules():
             if isinstance(module, torch.nn.SiLU):

@@ -11,6 +11,7 @@ a long prompt at WARNING: user text would reach the logs. Only token counts are 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,15 +45,42 @@ def _log_truncation(tokenizer: Any, text: str, kept: int, encoder: str) -> None:
         log.info("prompt truncated from %d to %d %s tokens", full_length, kept, encoder)
 
 
-@torch.inference_mode()
-def encode_prompts(
+# The text encoders' work on the device, from token ids to the embeddings the transformer reads: what
+# model.text_graphs captures in a CUDA graph per text length.
+TextEncoders = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def token_ids(
     pipe: FluxPipeline, prompt: str, prompt2: str | None, max_tokens: int, padded_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (T5 sequence embeddings, CLIP pooled embeddings), as FluxPipeline expects them."""
-    device = pipe.transformer.device
-    clip = pipe.text_encoder
-    pooled = clip(clip_token_ids(pipe, prompt).to(clip.device), output_hidden_states=False).pooler_output
-    ids = t5_token_ids(pipe, prompt2 if prompt2 is not None else prompt, max_tokens, padded_length)
-    sequence = pipe.text_encoder_2(ids.to(pipe.text_encoder_2.device), output_hidden_states=False)[0]
-    dtype = pipe.transformer.dtype
-    return sequence.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+    """(CLIP's ids, T5's ids) of a request, on the host: CLIP reads `prompt`, T5 `prompt2` when given."""
+    t5_text = prompt2 if prompt2 is not None else prompt
+    return clip_token_ids(pipe, prompt), t5_token_ids(pipe, t5_text, max_tokens, padded_length)
+
+
+def eager_text_encoders(pipe: FluxPipeline) -> TextEncoders:
+    """The encoders as the pipeline holds them: (CLIP ids, T5 ids) -> (T5 sequence, CLIP pooled) on the
+    transformer's device and in its dtype, as FluxPipeline expects them."""
+
+    def run(clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip, t5 = pipe.text_encoder, pipe.text_encoder_2
+        pooled = clip(clip_ids.to(clip.device), output_hidden_states=False).pooler_output
+        sequence = t5(t5_ids.to(t5.device), output_hidden_states=False)[0]
+        device, dtype = pipe.transformer.device, pipe.transformer.dtype
+        return sequence.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
+    return run
+
+
+@torch.inference_mode()
+def encode_prompts(
+    pipe: FluxPipeline,
+    prompt: str,
+    prompt2: str | None,
+    max_tokens: int,
+    padded_length: int,
+    encoders: TextEncoders | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (T5 sequence embeddings, CLIP pooled embeddings), through `encoders` (the eager ones when None)."""
+    run = encoders if encoders is not None else eager_text_encoders(pipe)
+    return run(*token_ids(pipe, prompt, prompt2, max_tokens, padded_length))

@@ -154,6 +154,14 @@ class CompileSettings:
         "quantized `precision`",
     )
 
+    # Inductor picks some kernels' configurations by timing candidates on their first run; a process that picks
+    # another one sums in another order (RELIABILITY.md).
+    deterministic: bool = setting(
+        "compile_deterministic",
+        False,
+        meaning="Inductor's deterministic mode: no kernel configuration that changes numerics is chosen by timing",
+    )
+
     @property
     def dynamic_graph(self) -> bool:
         """Whether load() compiles the dynamic-shape graph beside the static ones (model.compile)."""
@@ -167,7 +175,7 @@ class CompileSettings:
 
 
 # Optimizations that act after the compiled regions and before the response (model.optimize).
-OUTSIDE_THE_GRAPHS = ("postprocess_on_device",)
+OUTSIDE_THE_GRAPHS = ("postprocess_on_device", "text_encoder_cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,23 @@ class Optimizations:
         "postprocess_on_device",
         False,
         meaning="convert the decoded image to 8 bits on the GPU, then copy it to the host (the same bytes)",
+    )
+    # The text phase took 31.8 ms on an H200 for 10.9 ms of kernels: the host launching T5's and CLIP's small kernels
+    # one by one (BENCHMARKS.md). Their shapes are static per text length, so one replay launches them all.
+    text_encoder_cuda_graphs: bool = setting(
+        "text_encoder_cuda_graphs",
+        False,
+        meaning="capture the T5 and CLIP encoders in one CUDA graph per text length after the warm-up, and replay it "
+        "(the same bytes; a GPU only)",
+    )
+    # The compiled decoder's convolutions took 26.1 ms of kernel time on an H200 against 12.8 ms eagerly
+    # (BENCHMARKS.md); Inductor turns convolutions channels-last when it expects a gain, and eager channels-last
+    # was slower too.
+    vae_compiled_nchw: bool = setting(
+        "vae_compiled_nchw",
+        False,
+        meaning="keep the compiled VAE decoder's convolutions in eager's NCHW layout, where Inductor would choose "
+        "channels-last",
     )
     # e.g. "_native_cudnn" (cuDNN's fused attention in SDPA) or "_native_flash"; None keeps SDPA's own choice.
     attention_backend: OptionalName = setting(

@@ -50,14 +50,17 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "any_size": True,
             "shared_block_layout": True,
             "precompile": True,
+            "deterministic": False,
         },
         # `precision` replaced the `fp8` switch (False here); `text_encoder_precision` and the two memory switches
-        # joined later: each change changed the key once. Both `auto`s are decided first.
+        # joined later, then `vae_compiled_nchw` and `compile_deterministic`: each change changed the key once.
+        # Both `auto`s are decided first.
         "optimizations": {
             "fuse_qkv": False,
             "vae_channels_last": False,
             "expandable_segments": True,
             "vae_inplace_silu": True,
+            "vae_compiled_nchw": False,
             "attention_backend": None,
             "precision": "bf16",
             "text_encoder_precision": "bf16",
