@@ -128,7 +128,12 @@ def idle_gaps(engine: object, run: Callable[[], object], top: int = 12) -> dict:
         run()
         torch.cuda.synchronize()
     events = prof.events()
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    # The GPU's own events: kernels, copies and fills; a record_function range appears there too, as an annotation.
+    busy = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
     phase_names = set(PHASES.values())
     phases = [e for e in events if e.device_type == DeviceType.CPU and e.name in phase_names]
     host = sorted(
