@@ -112,7 +112,17 @@ def first_difference(reference: list[list[str]], other: list[list[str]]) -> dict
     first = differing[0]
     name = reference[first][0] if first < len(reference) else other[first][0]
     call = sum(1 for entry in reference[:first] if entry[0] == name)
-    return {"identical": False, "first": name, "call": call, "index": first, "differing": len(differing)}
+    # The entries that differ, each as name#call, so that one line shows whether the parting spreads or stays put.
+    labels = [f"{entry[0]}#{sum(1 for e in reference[:i] if e[0] == entry[0])}" for i, entry in enumerate(reference)]
+    named = [labels[i] for i in differing if i < len(labels)]
+    return {
+        "identical": False,
+        "first": name,
+        "call": call,
+        "index": first,
+        "differing": len(differing),
+        "differing_entries": named[:40],
+    }
 
 
 def main() -> None:
@@ -150,7 +160,7 @@ def main() -> None:
             check=True,
         )
         records.append(json.loads(done.stdout.splitlines()[-1]))
-        report = {"process": index, "entries": len(records[-1])}
+        report = {"process": index, "entries": len(records[-1]), "autotune_choices": records[-1][-1][1]}
         if index:
             report |= first_difference(records[0], records[-1])
         print(json.dumps(report), flush=True)
