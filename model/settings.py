@@ -206,17 +206,18 @@ class Optimizations:
         "vae_inplace_silu", True, meaning="the VAE decoder's SiLU activations overwrite their input (same pixels)"
     )
     # The decode phase took 56 ms on an H200 for 34 ms of kernels (BENCHMARKS.md); part of the rest is the host
-    # copying 4-byte floats and scaling them to 8 bits. Converting on the GPU gives the same bytes.
+    # copying 4-byte floats and scaling them to 8 bits. Converting on the GPU gives the same bytes, and cut the
+    # phase by a third on an H200 (BENCHMARKS.md).
     postprocess_on_device: bool = setting(
         "postprocess_on_device",
-        False,
+        True,
         meaning="convert the decoded image to 8 bits on the GPU, then copy it to the host (the same bytes)",
     )
     # The text phase took 31.8 ms on an H200 for 10.9 ms of kernels: the host launching T5's and CLIP's small kernels
-    # one by one (BENCHMARKS.md). Their shapes are static per text length, so one replay launches them all.
+    # one by one. Their shapes are static per text length, so one replay launches them all: 12.5 ms (BENCHMARKS.md).
     text_encoder_cuda_graphs: bool = setting(
         "text_encoder_cuda_graphs",
-        False,
+        True,
         meaning="capture the T5 and CLIP encoders in one CUDA graph per text length after the warm-up, and replay it "
         "(the same bytes; a GPU only)",
     )

@@ -42,7 +42,12 @@ def test_switches_keep_the_image(settings: Settings, engine: FluxEngine) -> None
 
 
 def test_only_switches_that_keep_every_pixel_are_on_by_default() -> None:
-    assert Optimizations().enabled() == ["expandable_segments", "vae_inplace_silu"]
+    assert Optimizations().enabled() == [
+        "expandable_segments",
+        "vae_inplace_silu",
+        "postprocess_on_device",
+        "text_encoder_cuda_graphs",
+    ]
 
 
 def test_inplace_silu_keeps_every_pixel(settings: Settings) -> None:
