@@ -70,7 +70,7 @@ class Model:
         self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
         self.cold_start.weights_s = weights_s
         if opts.text_encoder_cuda_graphs:
-            # After the warm-up: compiled encoder layers have compiled, and what is captured is what serves.
+            # After the warm-up, so that compiled encoder layers are captured as they serve.
             engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
         self._engine = engine
         log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.sizes.bounds)
