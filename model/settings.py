@@ -222,9 +222,8 @@ class Optimizations:
         meaning="capture the T5 and CLIP encoders in one CUDA graph per text length after the warm-up, and replay it "
         "(the same bytes; a GPU only)",
     )
-    # The compiled decoder's convolutions took 26.1 ms of kernel time on an H200 against 12.8 ms eagerly
-    # (BENCHMARKS.md); Inductor turns convolutions channels-last when it expects a gain, and eager channels-last
-    # was slower too.
+    # Inductor turns convolutions channels-last when it expects a gain, and eager channels-last was slower. On an
+    # H200 the convolutions took 13.4 ms either way and the decoder's other kernels grew in NCHW (BENCHMARKS.md).
     vae_compiled_nchw: bool = setting(
         "vae_compiled_nchw",
         False,

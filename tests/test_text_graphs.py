@@ -20,6 +20,11 @@ PROMPTS = ["a red bicycle", "a lighthouse on a cliff at dusk, oil on canvas"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def identical(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...]) -> bool:
+    """Every tensor of two encodings equal in shape and in every element."""
+    return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_the_engine_encodes_through_the_encoders_load_gives_it(engine: FluxEngine) -> None:
     request = GenerateRequest(prompt=PROMPTS[0], width=256, height=256, seed=1)
     expected = engine.generate(request).data
@@ -47,7 +52,7 @@ def test_without_a_gpu_the_encoders_stay_eager_and_the_log_says_so(
     assert "need a CUDA GPU" in caplog.text
     eager = encode_prompts(engine.pipe, PROMPTS[0], None, 256, 256)
     through = encode_prompts(engine.pipe, PROMPTS[0], None, 256, 256, encoders)
-    assert all(torch.equal(a, b) for a, b in zip(eager, through, strict=True))
+    assert identical(eager, through)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +69,7 @@ def test_replays_give_the_eager_bytes_at_every_text_length(gpu_pipe) -> None:
         for prompt in PROMPTS:
             eager = encode_prompts(gpu_pipe, prompt, None, length, length)
             replayed = encode_prompts(gpu_pipe, prompt, None, length, length, captured)
-            for a, b in zip(eager, replayed, strict=True):
-                assert a.shape == b.shape and torch.equal(a, b), (prompt, length)
+            assert identical(eager, replayed), (prompt, length)
 
 
 @needs_cuda
@@ -75,7 +79,7 @@ def test_what_a_replay_returned_survives_the_next_replay(gpu_pipe) -> None:
     first = encode_prompts(gpu_pipe, PROMPTS[0], None, 256, 256, captured)
     kept = [t.clone() for t in first]
     encode_prompts(gpu_pipe, PROMPTS[1], None, 256, 256, captured)
-    assert all(torch.equal(a, b) for a, b in zip(first, kept, strict=True))
+    assert identical(first, tuple(kept))
 
 
 @needs_cuda
@@ -84,7 +88,7 @@ def test_a_length_never_captured_runs_eagerly(gpu_pipe) -> None:
     captured = capture_text_encoders(gpu_pipe, (256,))
     eager = encode_prompts(gpu_pipe, PROMPTS[0], None, 128, 128)
     through = encode_prompts(gpu_pipe, PROMPTS[0], None, 128, 128, captured)
-    assert all(torch.equal(a, b) for a, b in zip(eager, through, strict=True))
+    assert identical(eager, through)
 
 
 @needs_cuda
@@ -109,4 +113,4 @@ def test_an_encoder_that_cannot_be_captured_serves_eagerly(
     assert "could not be captured" in caplog.text
     expected = encode_prompts(gpu_pipe, PROMPTS[0], None, 256, 256)
     served = encode_prompts(gpu_pipe, PROMPTS[0], None, 256, 256, encoders)
-    assert all(torch.equal(a, b) for a, b in zip(expected, served, strict=True))
+    assert identical(expected, served)
