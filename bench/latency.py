@@ -115,8 +115,9 @@ MIN_GAP_US = 20.0
 
 def idle_gaps(engine: object, run: Callable[[], object], top: int = 12) -> dict:
     """Where the GPU waits during one call of `run`: every stretch of at least MIN_GAP_US with no kernel or copy
-    running, named by the phase (bench.phases.PHASES) and the innermost host operation running at its middle
-    ("python" when the host was between operations), summed by phase and by operation."""
+    running, from the first phase's start to the last one's end, named by the phase (bench.phases.PHASES) and the
+    innermost host operation running at its middle ("python" when the host was between operations), summed by
+    phase and by operation."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -135,7 +136,10 @@ def idle_gaps(engine: object, run: Callable[[], object], top: int = 12) -> dict:
         if e.device_type == DeviceType.CUDA and not e.is_user_annotation
     )
     phase_names = set(PHASES.values())
-    phases = [e for e in events if e.device_type == DeviceType.CPU and e.name in phase_names]
+    phases = sorted(
+        (e for e in events if e.device_type == DeviceType.CPU and e.name in phase_names),
+        key=lambda e: e.time_range.start,
+    )
     host = sorted(
         (e for e in events if e.device_type == DeviceType.CPU and e.name not in phase_names),
         key=lambda e: e.time_range.start,
@@ -152,16 +156,30 @@ def idle_gaps(engine: object, run: Callable[[], object], top: int = 12) -> dict:
 
     by_phase: dict[str, float] = {}
     by_operation: dict[str, float] = {}
-    # Before the first kernel: from the first phase's start (the host's work before it launches anything).
-    end = min((e.time_range.start for e in phases), default=busy[0][0] if busy else 0.0)
-    for start, stop in busy:
-        gap = start - end
-        if gap >= MIN_GAP_US:
-            middle = end + gap / 2
-            phase = next((e.name for e in phases if e.time_range.start <= middle <= e.time_range.end), "between phases")
-            by_phase[phase] = by_phase.get(phase, 0.0) + gap / 1e3
-            key = f"{phase}: {innermost(middle)}"
-            by_operation[key] = by_operation.get(key, 0.0) + gap / 1e3
+
+    def count(start: float, stop: float, phase: str) -> None:
+        by_phase[phase] = by_phase.get(phase, 0.0) + (stop - start) / 1e3
+        key = f"{phase}: {innermost(start + (stop - start) / 2)}"
+        by_operation[key] = by_operation.get(key, 0.0) + (stop - start) / 1e3
+
+    # From the first phase's start to the last one's end, so that a phase's head (the host's work before it
+    # launches anything) and its tail (a copy to the host, PIL, the JPEG) count too.
+    first = min((e.time_range.start for e in phases), default=busy[0][0] if busy else 0.0)
+    last = max((e.time_range.end for e in phases), default=busy[-1][1] if busy else 0.0)
+    end = first
+    for start, stop in [*busy, (last, last)]:
+        if start - end >= MIN_GAP_US:
+            # A stretch that spans phases counts in each, by the host operation running in its own part.
+            covered = end
+            for e in phases:
+                part_start, part_stop = max(end, e.time_range.start), min(start, e.time_range.end)
+                if part_stop > part_start:
+                    if part_start > covered:
+                        count(covered, part_start, "between phases")
+                    count(part_start, part_stop, e.name)
+                    covered = part_stop
+            if start > covered:
+                count(covered, start, "between phases")
         end = max(end, stop)
     ordered = sorted(by_operation.items(), key=lambda kv: -kv[1])
     return {

@@ -53,7 +53,7 @@ def block_hook(opts: Optimizations) -> BlockHook | None:
     """What each transformer part goes through as it reaches the GPU (see model.blocks); None when nothing."""
     if opts.precision not in ("fp8", "int8"):
         return None
-    return _quantizer(opts.precision)
+    return _quantizer(opts.precision, opts.fp8_scaling)
 
 
 def text_encoder_hook(opts: Optimizations) -> BlockHook | None:
@@ -63,20 +63,22 @@ def text_encoder_hook(opts: Optimizations) -> BlockHook | None:
     return _quantizer(opts.text_encoder_precision)
 
 
-def _quantizer(precision: str) -> BlockHook:
+def _quantizer(precision: str, fp8_scaling: str = "row") -> BlockHook:
     # Imported lazily: torchao is only needed by the quantized precisions.
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int4WeightOnlyConfig,
         Int8WeightOnlyConfig,
         PerRow,
+        PerTensor,
         quantize_,
     )
 
     # set_inductor_config=False: torchao's recommended settings turn on coordinate-descent tuning for the whole
     # process, which autotuned every Triton kernel on its first run and kept an fp8 load() compiling for minutes.
     if precision == "fp8":
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        granularity = PerRow() if fp8_scaling == "row" else PerTensor()
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False)
     elif precision == "int4":
         # tinygemm's layout: its kernels ship with torch's CUDA build, where the default layout needs another library.
         config = Int4WeightOnlyConfig(

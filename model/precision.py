@@ -89,12 +89,14 @@ def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple
 def choose_text_encoder_precision(
     requested: TextEncoderPrecisionSetting, transformer: Precision, gpu: GpuFacts | None
 ) -> tuple[TextEncoderPrecision, str]:
-    """T5's precision, and why: `auto` quantizes its weights exactly when the transformer's are quantized.
+    """T5's precision, and why: `auto` quantizes its weights only where the card has no room for them in bf16.
 
     T5's 9.5 GB of bf16 weights are the largest part left once the transformer is in fp8 or int8, and a card
-    that needs a quantized transformer has no room for them; a card that holds bf16 gains nothing from it.
-    int4 (tinygemm's CUDA kernels) rather than int8: with int8 weights an eager request still peaked at 18.4 GiB
-    on an L4's cap, over the 18 GiB the profile allows (BENCHMARKS.md). Without a GPU, int8.
+    that needs a quantized transformer has no room for them. A card that holds bf16's whole peak, T5 included,
+    keeps them in bf16 even beside a quantized transformer: int4's kernels took 93 ms of a request's GPU time on
+    an H200 against 11 ms in bf16 (BENCHMARKS.md). int4 (tinygemm's CUDA kernels) rather than int8: with int8
+    weights an eager request still peaked at 18.4 GiB on an L4's cap, over the 18 GiB the profile allows
+    (BENCHMARKS.md). Without a GPU, int8.
     """
     if requested != "auto":
         return requested, "set explicitly"
@@ -102,4 +104,6 @@ def choose_text_encoder_precision(
         return "bf16", "the transformer is bf16: the card has room for T5's bf16 weights"
     if gpu is None:
         return "int8", f"the transformer is {transformer} and int4's kernels need a GPU: int8 weights, 4.8 GB"
+    if gpu.memory_gib >= BF16_PEAK_GIB + HEADROOM_GIB:
+        return "bf16", f"{gpu.memory_gib:.1f} GiB holds bf16's {BF16_PEAK_GIB} GiB peak, T5's bf16 weights included"
     return "int4", f"the transformer is {transformer}: T5's weights in int4 take 2.4 GB instead of 9.5 GB"

@@ -48,6 +48,7 @@ PLATFORM_METADATA_KEYS = frozenset({"example_model_input", "tags", "avatar_url",
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # "auto": b10-transfer on Baseten's cache volume, the local directory elsewhere (model.cache).
 CacheBackend = Literal["auto", "b10-transfer", "local", "none"]
+Fp8Scaling = Literal["row", "tensor"]
 
 
 def _comma_separated(value: Any) -> Any:
@@ -176,7 +177,7 @@ class CompileSettings:
 
 
 # Optimizations that act after the compiled regions and before the response (model.optimize).
-OUTSIDE_THE_GRAPHS = ("postprocess_on_device", "text_encoder_cuda_graphs")
+OUTSIDE_THE_GRAPHS = ("postprocess_on_device", "text_encoder_cuda_graphs", "vae_cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,14 @@ class Optimizations:
         meaning="capture the T5 and CLIP encoders in one CUDA graph per text length after the warm-up, and replay it "
         "(the same bytes; a GPU only)",
     )
+    # The decode phase on an H200 held 14 ms without a kernel running (BENCHMARKS.md). Each static size's decode,
+    # from packed latents to 8-bit pixels on the GPU, is one launch when replayed from a CUDA graph.
+    vae_cuda_graphs: bool = setting(
+        "vae_cuda_graphs",
+        False,
+        meaning="capture the VAE decode of each static size in a CUDA graph after the warm-up, and replay it "
+        "(the same bytes; a GPU only, with postprocess_on_device)",
+    )
     # Inductor turns convolutions channels-last when it expects a gain, and eager channels-last was slower. On an
     # H200 the convolutions took 13.4 ms either way and the decoder's other kernels grew in NCHW (BENCHMARKS.md).
     vae_compiled_nchw: bool = setting(
@@ -243,20 +252,28 @@ class Optimizations:
         meaning="the transformer's precision; `auto` picks by the GPU load() finds (model/precision.py, README's "
         "GPU table)",
     )
+    # fp8's activations are scaled per row (one amax per token) or per tensor (one per matmul input): per-tensor
+    # scaling reduces less and runs cuBLAS's tensor-wise fp8 GEMM, per-row keeps an outlier token from flattening
+    # every other token's range (BENCHMARKS.md has both on an H200).
+    fp8_scaling: Fp8Scaling = setting(
+        "fp8_scaling", "row", meaning="fp8's scale granularity for activations and weights: `row` or `tensor`"
+    )
     # T5's weights are 9.5 GB in bf16: with a quantized transformer, the largest part left (model/precision.py).
     text_encoder_precision: TextEncoderPrecisionSetting = setting(
         "text_encoder_precision",
         "auto",
         meaning="the T5 encoder's weights: torchao weight-only `int8` halves their 9.5 GB, `int4` (CUDA only) "
-        "quarters them; `auto` picks int4 on a GPU (int8 without) exactly when `precision` is fp8 or int8",
+        "quarters them; `auto` picks int4 on a GPU (int8 without) beside an fp8 or int8 transformer on a card too "
+        "small for bf16's peak, else bf16",
     )
 
     def enabled(self) -> list[str]:
-        """The switches that change the model: every one that is on, and each precision other than bf16."""
+        """The switches that change the model: every one that is on, each precision other than bf16, and fp8's
+        scaling with fp8."""
         return [
             name if value is True else f"{name}={value}"
             for name, value in vars(self).items()
-            if value and value not in ("auto", "bf16")
+            if value and value not in ("auto", "bf16") and (name != "fp8_scaling" or self.precision == "fp8")
         ]
 
 

@@ -36,6 +36,17 @@ def compile_stance_reset() -> Iterator[None]:
     torch.compiler.set_stance("default")
 
 
+@pytest.fixture(autouse=True)
+def attention_backend_reset() -> Iterator[None]:
+    """diffusers' set_attention_backend also makes its backend the process's default, which every other pipeline
+    then runs (an engine shared between tests would run the math backend after one test asked for it)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(previous)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """config.yaml's settings, on the embedded tiny model."""

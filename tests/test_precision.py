@@ -70,8 +70,23 @@ def test_resolving_auto_changes_the_cache_key_and_settles_precompile(caplog: pyt
 
 
 @pytest.mark.parametrize(("transformer", "expected"), [("bf16", "bf16"), ("fp8", "int4"), ("int8", "int4")])
-def test_auto_quantizes_t5_exactly_when_the_transformer_is_quantized(transformer: str, expected: str) -> None:
+def test_auto_quantizes_t5_beside_a_quantized_transformer_on_a_small_card(transformer: str, expected: str) -> None:
     assert choose_text_encoder_precision("auto", transformer, CARDS["L4"])[0] == expected
+
+
+@pytest.mark.parametrize("card", ["H100", "H200", "B200"])
+def test_auto_keeps_t5_in_bf16_where_the_card_holds_it_beside_an_explicit_fp8(card: str) -> None:
+    chosen, reason = choose_text_encoder_precision("auto", "fp8", CARDS[card])
+    assert chosen == "bf16", reason
+    resolved = Settings.from_sources(environ={"FLUX_PRECISION": "fp8"}).resolved(CARDS[card])
+    assert (resolved.optimizations.precision, resolved.optimizations.text_encoder_precision) == ("fp8", "bf16")
+
+
+def test_every_card_that_auto_quantizes_also_quantizes_t5() -> None:
+    for card in CARDS.values():
+        resolved = Settings.from_sources(environ={}).resolved(card)
+        quantized = resolved.optimizations.precision != "bf16"
+        assert (resolved.optimizations.text_encoder_precision != "bf16") == quantized, card.name
 
 
 def test_auto_quantizes_t5_to_int8_without_a_gpu() -> None:

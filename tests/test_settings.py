@@ -53,7 +53,8 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "deterministic": False,
         },
         # `precision` replaced the `fp8` switch (False here); `text_encoder_precision` and the two memory switches
-        # joined later, then `vae_compiled_nchw` and `compile_deterministic`: each change changed the key once.
+        # joined later, then `vae_compiled_nchw` and `compile_deterministic`, then `fp8_scaling`: each change changed
+        # the key once.
         # Both `auto`s are decided first.
         "optimizations": {
             "fuse_qkv": False,
@@ -63,6 +64,7 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "vae_compiled_nchw": False,
             "attention_backend": None,
             "precision": "bf16",
+            "fp8_scaling": "row",
             "text_encoder_precision": "bf16",
         },
         "resolutions": ["1024x1024", "1216x832", "896x1152"],
