@@ -6,6 +6,7 @@
     python -m bench.cold_start --backend local,b10-transfer   # miss and hit through each backend in turn
     python -m bench.cold_start --mega               # also torch's Mega-Cache, for comparison
     python -m bench.cold_start --config dynamic     # a named configuration of bench.CONFIGS
+    python -m bench.cold_start --model full-random --skip-eager --hits 2 --every-size   # same bytes on every replica
 
 Each state runs in its own process with its own empty TorchInductor directory; "hit" restores
 only what the cache backend saved during "miss". Prints one JSON line per state, then a summary
@@ -35,6 +36,7 @@ from bench import config_env, log_to_stderr
 
 BACKENDS = ("local", "b10-transfer")
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
+EVERY_SIZE = "COLD_START_EVERY_SIZE"  # set: the child also serves every aspect ratio, not only the static sizes
 MEGA_STATES = ("mega-miss", "mega-hit")
 
 
@@ -110,7 +112,10 @@ def child(state: str, workdir: Path) -> dict:
     # A request at every served size after warm-up must compile nothing, and give a real image.
     before = CompileCounters.now()
     latencies, images = {}, {}
-    for resolution in engine.resolutions:
+    sizes = list(engine.resolutions)
+    if os.environ.get(EVERY_SIZE):
+        sizes += [r for r in engine.sizes.aspect_ratios.values() if r not in sizes]
+    for resolution in sizes:
         request = GenerateRequest(prompt="after warm-up", width=resolution.width, height=resolution.height, seed=1)
         started = time.perf_counter()
         response = engine.generate(request)
@@ -122,6 +127,7 @@ def child(state: str, workdir: Path) -> dict:
             "size": [pixels.shape[1], pixels.shape[0]],
             "pixel_std": round(float(pixels.std()), 2),
             "sha256": hashlib.sha256(pixels.tobytes()).hexdigest()[:16],
+            "jpeg_sha256": hashlib.sha256(response.data.encode()).hexdigest()[:16],
         }
     result["graphs_compiled_after_warmup"] = (CompileCounters.now() - before).graphs
     result["request_s"] = latencies
@@ -161,9 +167,12 @@ def _b10_scratch() -> Path:
     return scratch
 
 
-def run_state(state: str, workdir: Path, env: dict[str, str], backend: str = "local") -> dict:
-    """Start a fresh process for one state, with an empty inductor directory of its own."""
-    inductor = workdir / f"inductor-{state}-{backend}"
+def run_state(
+    state: str, workdir: Path, env: dict[str, str], backend: str = "local", replica: int = 0, every_size: bool = False
+) -> dict:
+    """Start a fresh process for one state, with an empty inductor directory of its own: another `replica` of a
+    state gets another one, as a new replica restoring the same cache. `every_size` also serves every aspect ratio."""
+    inductor = workdir / f"inductor-{state}-{backend}{f'-{replica}' if replica else ''}"
     state_env = {
         **os.environ,
         **env,
@@ -172,6 +181,7 @@ def run_state(state: str, workdir: Path, env: dict[str, str], backend: str = "lo
         "FLUX_CACHE_BACKEND": backend if state in ("miss", "hit") else "none",
         "FLUX_COMPILE": "0" if state == "eager" else "1",
         LAUNCHED_AT: str(time.time()),
+        **({EVERY_SIZE: "1"} if every_size else {}),
     }
     command = [sys.executable, "-m", "bench.cold_start", "--child", state, "--workdir", str(workdir)]
     # The child's logs stream to this process's stderr as they happen: a run cut short keeps its progress.
@@ -201,6 +211,14 @@ def summary(results: dict[str, dict], backend: str) -> dict:
     return out
 
 
+def same_bytes(miss: dict, hits: list[dict]) -> dict:
+    """Whether every hit served the miss's JPEG bytes at each size, and the sizes where one did not."""
+    differing = sorted(
+        {size for hit in hits for size, image in hit["images"].items() if image != miss["images"].get(size)}
+    )
+    return {"hits_serve_the_miss_bytes": not differing, "sizes_differing": differing}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny, full-random, or a saved pipeline's directory")
@@ -210,6 +228,15 @@ def main() -> None:
     parser.add_argument("--mega", action="store_true", help="also measure torch's Mega-Cache")
     parser.add_argument("--config", default="default", help="a named configuration of bench.CONFIGS, e.g. dynamic")
     parser.add_argument("--skip-eager", action="store_true", help="measure miss and hit only")
+    parser.add_argument(
+        "--hits",
+        type=int,
+        default=1,
+        help="hits after each miss, each a fresh replica; the summary says whether every hit served the miss's bytes",
+    )
+    parser.add_argument(
+        "--every-size", action="store_true", help="serve every aspect ratio too, not only the static sizes"
+    )
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,10 +267,17 @@ def main() -> None:
     for backend in backends:
         backend_env = {**env, **(b10_transfer_env(_b10_scratch()) if backend == "b10-transfer" else {})}
         results = dict(baseline)
-        for state in ("miss", "hit") + (MEGA_STATES if args.mega and backend == "local" else ()):
+        results["miss"] = run_state("miss", workdir, backend_env, backend, every_size=args.every_size)
+        print(json.dumps(results["miss"]), flush=True)
+        hits = []
+        for replica in range(args.hits):
+            hits.append(run_state("hit", workdir, backend_env, backend, replica, args.every_size))
+            print(json.dumps(hits[-1]), flush=True)
+        results["hit"] = hits[0]
+        for state in MEGA_STATES if args.mega and backend == "local" else ():
             results[state] = run_state(state, workdir, backend_env, backend)
             print(json.dumps(results[state]), flush=True)
-        print(json.dumps(summary(results, backend)), flush=True)
+        print(json.dumps(summary(results, backend) | same_bytes(results["miss"], hits)), flush=True)
 
 
 if __name__ == "__main__":
