@@ -30,7 +30,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "text_graphs": {"text_encoder_cuda_graphs": True},
     "no_text_graphs": {"text_encoder_cuda_graphs": False},
     "conv_nchw": {"vae_compiled_nchw": True},
-    "vae_graphs": {"vae_cuda_graphs": True},
     "fp8_tensor": {"precision": "fp8", "fp8_scaling": "tensor"},
     "deterministic": {"compile_deterministic": True},
     "cudnn": {"attention_backend": "_native_cudnn"},

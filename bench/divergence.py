@@ -4,11 +4,12 @@
     python -m bench.divergence --model full-random --processes 3 --config eager
 
 Each process loads the model (the first fills a local compile cache, the later ones restore it), serves one
-request twice, and records a digest of every tensor that the text encoders, each transformer block call and the VAE's
-decoder return, in call order, then of the JPEG, whether the second request matched the first in every entry,
-then of the Triton configurations Inductor chose by timing
-candidates. The parent prints each process's record against the first one's: the first entry that differs names
-the module and the call where the outputs part, and so the kernel to look at.
+request three times (the last with every precompiled function loaded from its file), and records a digest of
+every tensor that the text encoders, each transformer block call and the VAE's decoder return, in call order,
+then of the JPEG, whether the later requests matched the first in every entry, then of the Triton
+configurations Inductor chose by timing candidates. The parent prints each process's record against the first
+one's: the first entry that differs names the module and the call where the outputs part, and so the kernel to
+look at.
 """
 
 from __future__ import annotations
@@ -86,14 +87,31 @@ def child(size: str) -> list[tuple[str, str]]:
     resolution = Resolution.parse(size)
     request = GenerateRequest(**REQUEST, width=resolution.width, height=resolution.height)
     records = []
-    # Twice: a process that disagrees with itself has a kernel that is not deterministic within one process.
-    for _ in range(2):
+    # Twice: a process that disagrees with itself has a kernel that is not deterministic within one process. Then
+    # once more with every precompiled function loaded from its file, as a hit runs them: a miss that then
+    # disagrees with itself ran functions in memory that differ from what it saved.
+    for reload in (False, False, True):
+        if reload:
+            forget_precompiled_functions()
         with recorded_outputs(model._engine.pipe) as record:
             response = model.predict(request, NO_BODY)
         records.append([*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16])])
-    again = first_difference(records[0], records[1])
-    repeat = "same" if again["identical"] else f"differs from {again['first']}#{again['call']}"
-    return [*records[0], ("second_request", repeat), autotune_choices()]
+    checks = []
+    for name, other in (("second_request", records[1]), ("loaded_from_files", records[2])):
+        again = first_difference(records[0], other)
+        checks.append((name, "same" if again["identical"] else f"differs from {again['first']}#{again['call']}"))
+    return [*records[0], *checks, autotune_choices()]
+
+
+def forget_precompiled_functions() -> None:
+    """Make every precompiled region load its functions from their files at its next call."""
+    import gc
+
+    from model.precompile import PrecompiledRegion
+
+    for region in gc.get_objects():
+        if isinstance(region, PrecompiledRegion):
+            region._functions.clear()
 
 
 def autotune_choices() -> tuple[str, str]:

@@ -19,7 +19,7 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from model.graph_route import dynamic_graph
-from model.images import Decoder, decode_latents, to_base64
+from model.images import decode_latents, to_base64
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
@@ -86,8 +86,6 @@ class FluxEngine:
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptEmbeddingCache(0)
         # The pipeline's own encoders until load() swaps in faster ones that give the same bytes (model.text_graphs).
         self.text_encoders: TextEncoders | None = None
-        # The pipeline's own decode until load() swaps in one replayed from CUDA graphs (model.decode_graphs).
-        self.decoder: Decoder | None = None
         # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
         self._lock = threading.Lock()
 
@@ -194,8 +192,6 @@ class FluxEngine:
 
     def decode_batch(self, packed_latents: torch.Tensor, resolution: Resolution) -> list[Image.Image]:
         """One image per latent of the batch (a request's is a batch of one)."""
-        if self.decoder is not None:
-            return self.decoder(packed_latents, resolution)
         return decode_latents(self.pipe, packed_latents, resolution)
 
     def respond(self, job: Job, images: list[Image.Image]) -> GenerateResponse:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
 
 import torch
 from diffusers import FluxPipeline
@@ -14,9 +13,6 @@ from PIL import Image
 from model.compat import unpack_latents
 from model.resolutions import Resolution
 from model.schema import OutputFormat
-
-# Packed latents of one size to its images: decode_latents, or one replayed from CUDA graphs (model.decode_graphs).
-Decoder = Callable[[torch.Tensor, Resolution], list[Image.Image]]
 
 
 def vae_pixels(pipe: FluxPipeline, packed_latents: torch.Tensor, resolution: Resolution) -> torch.Tensor:

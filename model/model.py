@@ -17,7 +17,6 @@ from starlette.requests import Request
 from model.artifacts import CompileArtifacts
 from model.cache import CacheResult, choose_backend
 from model.coldstart import ColdStartReport, prepare, restore_in_background
-from model.decode_graphs import capture_decoder
 from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
 from model.optimize import block_hook, configure_allocator, optimize, text_encoder_hook
@@ -73,8 +72,6 @@ class Model:
         if opts.text_encoder_cuda_graphs:
             # After the warm-up, so that compiled encoder layers are captured as they serve.
             engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
-        if opts.vae_cuda_graphs:
-            engine.decoder = capture_decoder(engine)
         self._engine = engine
         log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.sizes.bounds)
 

@@ -177,7 +177,7 @@ class CompileSettings:
 
 
 # Optimizations that act after the compiled regions and before the response (model.optimize).
-OUTSIDE_THE_GRAPHS = ("postprocess_on_device", "text_encoder_cuda_graphs", "vae_cuda_graphs")
+OUTSIDE_THE_GRAPHS = ("postprocess_on_device", "text_encoder_cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -222,14 +222,6 @@ class Optimizations:
         True,
         meaning="capture the T5 and CLIP encoders in one CUDA graph per text length after the warm-up, and replay it "
         "(the same bytes; a GPU only)",
-    )
-    # The decode phase on an H200 held 14 ms without a kernel running (BENCHMARKS.md). Each static size's decode,
-    # from packed latents to 8-bit pixels on the GPU, is one launch when replayed from a CUDA graph.
-    vae_cuda_graphs: bool = setting(
-        "vae_cuda_graphs",
-        False,
-        meaning="capture the VAE decode of each static size in a CUDA graph after the warm-up, and replay it "
-        "(the same bytes; a GPU only, with postprocess_on_device)",
     )
     # Inductor turns convolutions channels-last when it expects a gain, and eager channels-last was slower. On an
     # H200 the convolutions took 13.4 ms either way and the decoder's other kernels grew in NCHW (BENCHMARKS.md).

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxPipeline
 
-from model.cuda_graphs import capture
 from model.prompts import TextEncoders, clip_token_ids, eager_text_encoders, t5_token_ids
 
 log = logging.getLogger(__name__)
+
+# Eager runs on a side stream before each capture: cuBLAS creates its handles and workspaces on first use, which
+# a capture must not contain. Two, as PyTorch's CUDA graph notes do.
+RUNS_BEFORE_CAPTURE = 2
 
 
 @dataclass
@@ -54,8 +57,17 @@ class CapturedTextEncoders:
     def text_lengths(self) -> tuple[int, ...]:
         return tuple(self._graphs)
 
+    @torch.inference_mode()
     def _capture(self, clip_ids: torch.Tensor, t5_ids: torch.Tensor, pool: tuple[int, int]) -> _Captured:
-        graph, (sequence, pooled) = capture(lambda: self._eager(clip_ids, t5_ids), pool)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(RUNS_BEFORE_CAPTURE):
+                self._eager(clip_ids, t5_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            sequence, pooled = self._eager(clip_ids, t5_ids)
         return _Captured(graph, clip_ids, t5_ids, sequence, pooled)
 
     def __call__(self, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
