@@ -9,7 +9,8 @@ every tensor that the text encoders, each transformer block call and the VAE's d
 then of the JPEG, whether the later requests matched the first in every entry, then of the Triton
 configurations Inductor chose by timing candidates. The parent prints each process's record against the first
 one's: the first entry that differs names the module and the call where the outputs part, and so the kernel to
-look at.
+look at. Each process also reports what its autotune cache did (AutotuneCacheTrace): files saved, files
+overwritten with another choice, and lookups that used, refused or found no saved choice, by phase.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def child(size: str) -> list[tuple[str, str]]:
     from model.schema import GenerateRequest
     from model.settings import config_metadata
 
+    trace = AutotuneCacheTrace()
     model = Model(config={"model_metadata": config_metadata()})
-    model.load()
+    with trace.phase("load"):
+        model.load()
     resolution = Resolution.parse(size)
     request = GenerateRequest(**REQUEST, width=resolution.width, height=resolution.height)
     records = []
@@ -98,14 +101,60 @@ def child(size: str) -> list[tuple[str, str]]:
     for reload in (False, False, True) if missed else (False, False):
         if reload:
             forget_precompiled_functions()
-        with recorded_outputs(model._engine.pipe) as record:
+        with recorded_outputs(model._engine.pipe) as record, trace.phase("reloaded" if reload else "requests"):
             response = model.predict(request, NO_BODY)
         records.append([*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16])])
     checks = []
     for name, other in zip(SELF_CHECKS, records[1:], strict=False):
         again = first_difference(records[0], other)
         checks.append((name, "same" if again["identical"] else f"differs from {again['first']}#{again['call']}"))
-    return [*records[0], *checks, autotune_choices()]
+    return [*records[0], *checks, ("autotune_cache", json.dumps(trace.summary())), autotune_choices()]
+
+
+class AutotuneCacheTrace:
+    """Every save and lookup of Inductor's local autotune cache (the `.best_config` files), by phase of the process:
+    a file saved twice with different contents was overwritten by another kernel of the same source, and a lookup
+    that finds a file and still returns nothing times its kernel again (its candidate list differs)."""
+
+    def __init__(self) -> None:
+        self.current = "import"
+        self.saves: dict[str, set[str]] = {}
+        self.lookups: dict[str, dict[str, int]] = {}
+        try:
+            from torch._inductor.runtime.autotune_cache import AutotuneCache
+        except ImportError:
+            return
+        trace = self
+        save, read_best = AutotuneCache.save, AutotuneCache.read_best
+
+        def traced_save(cache: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
+            path = cache.local_cache[1] if cache.local_cache else "remote"
+            trace.saves.setdefault(path, set()).add(
+                repr(sorted(getattr(config, "kwargs", {}).items())) + f" w{getattr(config, 'num_warps', '?')}"
+            )
+            return save(cache, config, *args, **kwargs)
+
+        def traced_read_best(cache: Any, *args: Any, **kwargs: Any) -> Any:
+            found = read_best(cache, *args, **kwargs)
+            path = cache.local_cache[1] if cache.local_cache else ""
+            outcome = "used" if found is not None else ("refused" if path and os.path.exists(path) else "absent")
+            counts = trace.lookups.setdefault(trace.current, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
+            return found
+
+        AutotuneCache.save, AutotuneCache.read_best = traced_save, traced_read_best
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.current = name
+        try:
+            yield
+        finally:
+            self.current = "between"
+
+    def summary(self) -> dict:
+        rewritten = sorted(Path(path).name for path, configs in self.saves.items() if len(configs) > 1)
+        return {"files_saved": len(self.saves), "rewritten": rewritten, "lookups": self.lookups}
 
 
 def forget_precompiled_functions() -> None:
@@ -191,9 +240,12 @@ def main() -> None:
             text=True,
             check=True,
         )
-        records.append(json.loads(done.stdout.splitlines()[-1]))
-        report = {"process": index, "entries": len(records[-1]), "autotune_choices": records[-1][-1][1]}
-        report |= {name: value for name, value in records[-1] if name in SELF_CHECKS}
+        record = json.loads(done.stdout.splitlines()[-1])
+        # The trace differs between a miss and a hit by design: it is reported, not compared.
+        records.append([entry for entry in record if entry[0] != "autotune_cache"])
+        report = {"process": index, "entries": len(records[-1]), "autotune_choices": record[-1][1]}
+        report |= {name: value for name, value in record if name in SELF_CHECKS}
+        report |= {name: json.loads(value) for name, value in record if name == "autotune_cache"}
         if index:
             report |= first_difference(records[0], records[-1])
         print(json.dumps(report), flush=True)
