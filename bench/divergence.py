@@ -92,12 +92,11 @@ def child(size: str) -> list[tuple[str, str]]:
     resolution = Resolution.parse(size)
     request = GenerateRequest(**REQUEST, width=resolution.width, height=resolution.height)
     records = []
-    # Twice: a process that disagrees with itself has a kernel that is not deterministic within one process. Then
-    # once more with every precompiled function loaded from its file, as a hit runs them: a miss that then
-    # disagrees with itself ran functions in memory that differ from what it saved.
-    # Only a miss runs functions it never loaded from a file.
-    missed = model.cold_start is not None and model.cold_start.restore is not None
-    missed = missed and model.cold_start.restore.outcome.value == "miss"
+    # Twice: a process that disagrees with itself has a kernel that is not deterministic within one process. A miss,
+    # which runs functions it never loaded from a file, once more with every precompiled function loaded from its
+    # file, as a hit runs them: if it then disagrees with itself, what it saved differs from what it ran.
+    restore = model.cold_start.restore if model.cold_start else None
+    missed = restore is not None and restore.outcome.value == "miss"
     for reload in (False, False, True) if missed else (False, False):
         if reload:
             forget_precompiled_functions()

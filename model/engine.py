@@ -18,8 +18,9 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
-from model.images import decode_latents, to_base64
+from model.images import to_base64
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry
@@ -192,7 +193,11 @@ class FluxEngine:
 
     def decode_batch(self, packed_latents: torch.Tensor, resolution: Resolution) -> list[Image.Image]:
         """One image per latent of the batch (a request's is a batch of one)."""
-        return decode_latents(self.pipe, packed_latents, resolution)
+        pipe = self.pipe
+        latents = unpack_latents(pipe, packed_latents, resolution.height, resolution.width)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        pixels = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
 
     def respond(self, job: Job, images: list[Image.Image]) -> GenerateResponse:
         encoded = [
