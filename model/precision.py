@@ -56,10 +56,15 @@ def gpu_facts() -> GpuFacts | None:
     return GpuFacts(properties.name, properties.total_memory / 2**30, (properties.major, properties.minor))
 
 
+def holds_bf16(gpu: GpuFacts) -> bool:
+    """Whether the card holds bf16's measured peak, T5's bf16 weights included, with the headroom to spare."""
+    return gpu.memory_gib >= BF16_PEAK_GIB + HEADROOM_GIB
+
+
 def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple[Precision, str]:
     """The precision to serve in, and why. An explicit value is kept; `auto` picks by the GPU's facts."""
     if requested != "auto":
-        if requested == "bf16" and gpu is not None and gpu.memory_gib < BF16_PEAK_GIB + HEADROOM_GIB:
+        if requested == "bf16" and gpu is not None and not holds_bf16(gpu):
             log.warning(
                 "precision bf16 on %s: bf16 peaked at %.1f GiB on an H200 (BENCHMARKS.md) and this card has "
                 "%.1f GiB: expect an out-of-memory error, or set precision to auto",
@@ -70,7 +75,7 @@ def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple
         return requested, "set explicitly"
     if gpu is None:
         return "bf16", "no GPU: nothing to save (the CPU serves in float32)"
-    if gpu.memory_gib >= BF16_PEAK_GIB + HEADROOM_GIB:
+    if holds_bf16(gpu):
         return "bf16", f"{gpu.memory_gib:.1f} GiB holds bf16's {BF16_PEAK_GIB} GiB peak with room to spare"
     if gpu.compute_capability >= FP8_COMPUTE_CAPABILITY:
         return "fp8", (
@@ -104,6 +109,6 @@ def choose_text_encoder_precision(
         return "bf16", "the transformer is bf16: the card has room for T5's bf16 weights"
     if gpu is None:
         return "int8", f"the transformer is {transformer} and int4's kernels need a GPU: int8 weights, 4.8 GB"
-    if gpu.memory_gib >= BF16_PEAK_GIB + HEADROOM_GIB:
+    if holds_bf16(gpu):
         return "bf16", f"{gpu.memory_gib:.1f} GiB holds bf16's {BF16_PEAK_GIB} GiB peak, T5's bf16 weights included"
     return "int4", f"the transformer is {transformer}: T5's weights in int4 take 2.4 GB instead of 9.5 GB"
