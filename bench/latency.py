@@ -435,8 +435,8 @@ def main() -> None:
     parser.add_argument(
         "--card",
         choices=sorted(CARD_PROFILES),
-        help="stand in for this card: its memory cap, and the precision `auto` picks from its facts, for every "
-        "configuration that names none (the `eager` reference stays uncapped bf16)",
+        help="stand in for this card: its memory cap, and the precisions `auto` picks from its facts (the "
+        "transformer's and T5's), for every configuration that names none (the `eager` reference stays uncapped bf16)",
     )
     parser.add_argument(
         "--clients", type=int, default=0, help="also measure images/s at saturation with this many concurrent callers"
@@ -489,9 +489,13 @@ def main() -> None:
     }
     card_env = {}
     if args.card:
-        from model.precision import CARDS, choose_precision
+        from model.precision import CARDS, choose_precision, choose_text_encoder_precision
 
-        card_env = env_for(precision=choose_precision("auto", CARDS[args.card])[0])
+        # Both `auto`s decided for the card, not for the GPU the benchmark runs on: T5's depends on its memory too.
+        card = CARDS[args.card]
+        precision = choose_precision("auto", card)[0]
+        text_encoder_precision = choose_text_encoder_precision("auto", precision, card)[0]
+        card_env = env_for(precision=precision, text_encoder_precision=text_encoder_precision)
     results = {}
     for name in args.configs.split(","):
         command = [
