@@ -429,8 +429,8 @@ def main() -> None:
         type=float,
         metavar="GIB",
         help="cap this GPU's memory to what a smaller card leaves (an L4 or A10G: 22; an H100_40GB: 38), for every "
-        "configuration but the bf16 `eager` reference; the cap does not change what `precision: auto` sees, so name "
-        "the precision in --configs (fp8, int8)",
+        "configuration but the bf16 `eager` reference; the cap does not change what the `auto` precisions see, so "
+        "name both in --configs (fp8+t5int4, int8+t5int4), or use --card",
     )
     parser.add_argument(
         "--card",
