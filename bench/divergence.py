@@ -86,6 +86,7 @@ def child(size: str) -> list[tuple[str, str]]:
     from model.settings import config_metadata
 
     trace = AutotuneCacheTrace()
+    choices = KernelChoices()
     model = Model(config={"model_metadata": config_metadata()})
     with trace.phase("load"):
         model.load()
@@ -107,7 +108,45 @@ def child(size: str) -> list[tuple[str, str]]:
     for name, other in zip(SELF_CHECKS, records[1:], strict=False):
         again = first_difference(records[0], other)
         checks.append((name, "same" if again["identical"] else f"differs from {again['first']}#{again['call']}"))
-    return [*records[0], *checks, ("autotune_cache", json.dumps(trace.summary())), autotune_choices()]
+    return [
+        *records[0],
+        *checks,
+        ("autotune_cache", json.dumps(trace.summary())),
+        ("kernel_choices", json.dumps(choices.chosen())),
+        autotune_choices(),
+    ]
+
+
+class KernelChoices:
+    """The launch configuration each Triton kernel ran with, for every kernel that had more than one candidate:
+    two processes whose kernels of the same source ran other configurations part there, and a reduction's
+    configuration sets the order its sums run in."""
+
+    def __init__(self) -> None:
+        self.kernels: list[Any] = []
+        try:
+            from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+        except ImportError:
+            return
+        kernels, init = self.kernels, CachingAutotuner.__init__
+
+        def tracked_init(kernel: Any, *args: Any, **kwargs: Any) -> None:
+            init(kernel, *args, **kwargs)
+            kernels.append(kernel)
+
+        CachingAutotuner.__init__ = tracked_init
+
+    def chosen(self) -> dict[str, list[str]]:
+        """Kernel file name -> the configurations its instances ran with (one per instance, in creation order)."""
+        chosen: dict[str, list[str]] = {}
+        for kernel in self.kernels:
+            if len(getattr(kernel, "configs", None) or ()) < 2 or not getattr(kernel, "launchers", None):
+                continue
+            config = kernel.launchers[0].config
+            kind = str(getattr(kernel, "heuristic_type", "?")).rsplit(".", 1)[-1].lower()
+            name = f"{Path(kernel.filename or '?').stem} {kind}"
+            chosen.setdefault(name, []).append(f"{sorted(config.kwargs.items())} w{config.num_warps} s{config.num_stages}")
+        return chosen
 
 
 class AutotuneCacheTrace:
@@ -203,6 +242,20 @@ def first_difference(reference: list[list[str]], other: list[list[str]]) -> dict
     }
 
 
+def choosing_apart(first: dict[str, list[str]], other: dict[str, list[str]] | None = None) -> dict:
+    """Kernels whose instances ran different configurations: within one process (`other` None: its first run
+    against its reload) or between two processes (any instance of `first` against any of `other`)."""
+    if other is None:
+        apart = [name for name, configs in first.items() if len(set(configs)) > 1]
+    else:
+        apart = [name for name in first.keys() & other.keys() if set(first[name]) != set(other[name])]
+    kinds: dict[str, int] = {}
+    for name in apart:
+        kind = name.rsplit(" ", 1)[-1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"count": len(apart), "by_kind": kinds, "examples": {n: (first[n], (other or {}).get(n)) for n in sorted(apart)[:6]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="full-random")
@@ -228,7 +281,8 @@ def main() -> None:
         # Every request repeats one prompt: each must run the text encoders to be recorded.
         "FLUX_PROMPT_CACHE_MB": "0",
     }
-    records = []
+    records: list[list[list[str]]] = []
+    choices: list[dict[str, list[str]]] = []
     for index in range(args.processes):
         # Each process gets an empty Inductor directory: what it reuses comes from the cache, as on a new replica.
         process_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(workdir / f"inductor-{index}")}
@@ -241,12 +295,16 @@ def main() -> None:
         )
         record = json.loads(done.stdout.splitlines()[-1])
         # The trace differs between a miss and a hit by design: it is reported, not compared.
-        records.append([entry for entry in record if entry[0] != "autotune_cache"])
+        records.append([entry for entry in record if entry[0] not in ("autotune_cache", "kernel_choices")])
+        choices.append(next(json.loads(value) for name, value in record if name == "kernel_choices"))
         report = {"process": index, "entries": len(records[-1]), "autotune_choices": record[-1][1]}
         report |= {name: value for name, value in record if name in SELF_CHECKS}
         report |= {name: json.loads(value) for name, value in record if name == "autotune_cache"}
+        report["kernels_with_choices"] = len(choices[-1])
+        report["kernels_choosing_apart"] = choosing_apart(choices[-1])
         if index:
             report |= first_difference(records[0], records[-1])
+            report["kernels_choosing_unlike_first"] = choosing_apart(choices[0], choices[-1])
         print(json.dumps(report), flush=True)
 
 
