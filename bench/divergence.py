@@ -16,6 +16,7 @@ overwritten with another choice, and lookups that used, refused or found no save
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,8 @@ from bench import config_env, log_to_stderr
 REQUEST = {"prompt": "a lighthouse on a cliff at dusk", "seed": 7}
 # Each process's later requests against its first: entries of its record, reported beside the comparison.
 SELF_CHECKS = ("second_request", "loaded_from_files")
+# Entries each process reports that are not outputs to compare: they differ between a miss and a hit by design.
+REPORTED = ("autotune_cache", "kernel_choices", "kernel_choices_apart_on_reload")
 
 
 def digest(value: Any) -> str:
@@ -86,13 +89,13 @@ def child(size: str) -> list[tuple[str, str]]:
     from model.settings import config_metadata
 
     trace = AutotuneCacheTrace()
-    choices = KernelChoices()
     model = Model(config={"model_metadata": config_metadata()})
     with trace.phase("load"):
         model.load()
     resolution = Resolution.parse(size)
     request = GenerateRequest(**REQUEST, width=resolution.width, height=resolution.height)
     records = []
+    served: dict[str, list[str]] = {}
     # Twice: a process that disagrees with itself has a kernel that is not deterministic within one process. A miss,
     # which runs functions it never loaded from a file, once more with every precompiled function loaded from its
     # file, as a hit runs them: if it then disagrees with itself, what it saved differs from what it ran.
@@ -104,6 +107,10 @@ def child(size: str) -> list[tuple[str, str]]:
         with recorded_outputs(model._engine.pipe) as record, trace.phase("reloaded" if reload else "requests"):
             response = model.predict(request, NO_BODY)
         records.append([*record, ("jpeg", hashlib.sha256(response.data.encode()).hexdigest()[:16])])
+        if not reload:
+            served = kernel_choices()
+    # After a reload the live kernels are those loaded from files, and those of the first run not yet freed.
+    reloaded = kernel_choices() if missed else {}
     checks = []
     for name, other in zip(SELF_CHECKS, records[1:], strict=False):
         again = first_difference(records[0], other)
@@ -112,41 +119,31 @@ def child(size: str) -> list[tuple[str, str]]:
         *records[0],
         *checks,
         ("autotune_cache", json.dumps(trace.summary())),
-        ("kernel_choices", json.dumps(choices.chosen())),
+        ("kernel_choices", json.dumps(served)),
+        ("kernel_choices_apart_on_reload", json.dumps(choosing_apart(served, reloaded) if missed else None)),
         autotune_choices(),
     ]
 
 
-class KernelChoices:
-    """The launch configuration each Triton kernel ran with, for every kernel that had more than one candidate:
-    two processes whose kernels of the same source ran other configurations part there, and a reduction's
-    configuration sets the order its sums run in."""
+def kernel_choices() -> dict[str, list[str]]:
+    """Kernel file name and kind -> the launch configurations its live kernels run with: two processes whose
+    kernels of one source run other configurations can part there, as a reduction's configuration sets the order
+    its sums run in. Found among live objects, since kernels compiled in worker processes arrive unpickled."""
+    import gc
 
-    def __init__(self) -> None:
-        self.kernels: list[Any] = []
-        try:
-            from torch._inductor.runtime.triton_heuristics import CachingAutotuner
-        except ImportError:
-            return
-        kernels, init = self.kernels, CachingAutotuner.__init__
-
-        def tracked_init(kernel: Any, *args: Any, **kwargs: Any) -> None:
-            init(kernel, *args, **kwargs)
-            kernels.append(kernel)
-
-        CachingAutotuner.__init__ = tracked_init
-
-    def chosen(self) -> dict[str, list[str]]:
-        """Kernel file name -> the configurations its instances ran with (one per instance, in creation order)."""
-        chosen: dict[str, list[str]] = {}
-        for kernel in self.kernels:
-            if len(getattr(kernel, "configs", None) or ()) < 2 or not getattr(kernel, "launchers", None):
-                continue
-            config = kernel.launchers[0].config
-            kind = str(getattr(kernel, "heuristic_type", "?")).rsplit(".", 1)[-1].lower()
-            name = f"{Path(kernel.filename or '?').stem} {kind}"
-            chosen.setdefault(name, []).append(f"{sorted(config.kwargs.items())} w{config.num_warps} s{config.num_stages}")
-        return chosen
+    try:
+        from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    except ImportError:
+        return {}
+    chosen: dict[str, set[str]] = {}
+    for kernel in gc.get_objects():
+        if not isinstance(kernel, CachingAutotuner) or len(getattr(kernel, "launchers", None) or ()) != 1:
+            continue
+        config = kernel.launchers[0].config
+        kind = str(getattr(kernel, "heuristic_type", "?")).rsplit(".", 1)[-1].lower()
+        name = f"{Path(getattr(kernel, 'filename', None) or '?').stem} {kind}"
+        chosen.setdefault(name, set()).add(f"{sorted(config.kwargs.items())} w{config.num_warps} s{config.num_stages}")
+    return {name: sorted(configs) for name, configs in chosen.items()}
 
 
 class AutotuneCacheTrace:
@@ -165,6 +162,8 @@ class AutotuneCacheTrace:
         trace = self
         save, read_best = AutotuneCache.save, AutotuneCache.read_best
 
+        # Named as the originals: a compiled function saves its kernels' save hook by the method's name.
+        @functools.wraps(save)
         def traced_save(cache: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
             path = cache.local_cache[1] if cache.local_cache else "remote"
             trace.saves.setdefault(path, set()).add(
@@ -172,6 +171,7 @@ class AutotuneCacheTrace:
             )
             return save(cache, config, *args, **kwargs)
 
+        @functools.wraps(read_best)
         def traced_read_best(cache: Any, *args: Any, **kwargs: Any) -> Any:
             found = read_best(cache, *args, **kwargs)
             path = cache.local_cache[1] if cache.local_cache else ""
@@ -243,8 +243,8 @@ def first_difference(reference: list[list[str]], other: list[list[str]]) -> dict
 
 
 def choosing_apart(first: dict[str, list[str]], other: dict[str, list[str]] | None = None) -> dict:
-    """Kernels whose instances ran different configurations: within one process (`other` None: its first run
-    against its reload) or between two processes (any instance of `first` against any of `other`)."""
+    """Kernels of one file that run different configurations: within one record (`other` None: live kernels of one
+    source with two choices) or between two (a file whose choices in `first` are not those in `other`)."""
     if other is None:
         apart = [name for name, configs in first.items() if len(set(configs)) > 1]
     else:
@@ -253,7 +253,8 @@ def choosing_apart(first: dict[str, list[str]], other: dict[str, list[str]] | No
     for name in apart:
         kind = name.rsplit(" ", 1)[-1]
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {"count": len(apart), "by_kind": kinds, "examples": {n: (first[n], (other or {}).get(n)) for n in sorted(apart)[:6]}}
+    examples = {name: (first[name], (other or {}).get(name)) for name in sorted(apart)[:6]}
+    return {"count": len(apart), "by_kind": kinds, "examples": examples}
 
 
 def main() -> None:
@@ -294,14 +295,14 @@ def main() -> None:
             check=True,
         )
         record = json.loads(done.stdout.splitlines()[-1])
-        # The trace differs between a miss and a hit by design: it is reported, not compared.
-        records.append([entry for entry in record if entry[0] not in ("autotune_cache", "kernel_choices")])
+        records.append([entry for entry in record if entry[0] not in REPORTED])
         choices.append(next(json.loads(value) for name, value in record if name == "kernel_choices"))
         report = {"process": index, "entries": len(records[-1]), "autotune_choices": record[-1][1]}
         report |= {name: value for name, value in record if name in SELF_CHECKS}
         report |= {name: json.loads(value) for name, value in record if name == "autotune_cache"}
-        report["kernels_with_choices"] = len(choices[-1])
-        report["kernels_choosing_apart"] = choosing_apart(choices[-1])
+        report["kernels"] = len(choices[-1])
+        report["kernels_with_two_choices"] = choosing_apart(choices[-1])
+        report["kernels_choosing_apart_on_reload"] = json.loads(dict(record)["kernel_choices_apart_on_reload"])
         if index:
             report |= first_difference(records[0], records[-1])
             report["kernels_choosing_unlike_first"] = choosing_apart(choices[0], choices[-1])
