@@ -32,6 +32,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "conv_nchw": {"vae_compiled_nchw": True},
     "fp8_tensor": {"precision": "fp8", "fp8_scaling": "tensor"},
     "deterministic": {"compile_deterministic": True},
+    "scale_rblock": {"compile_scale_rblock": True},
     "cudnn": {"attention_backend": "_native_cudnn"},
     "flash": {"attention_backend": "_native_flash"},
     "sdpa": {"attention_backend": None},

@@ -140,9 +140,10 @@ def specialized_floats(on: bool = True) -> Iterator[None]:
 def set_inductor_option(name: str, value: Any) -> Any:
     """Set one of Inductor's process-wide options (`torch._inductor.config`), returning its previous value.
 
-    Used for `layout_optimization` (whether Inductor may turn convolutions channels-last) and `deterministic` (no
-    kernel configuration chosen by timing where the choice changes numerics); both are read when a graph compiles,
-    and both are part of Inductor's own cache key.
+    Used for `layout_optimization` (whether Inductor may turn convolutions channels-last), `deterministic` (no
+    kernel configuration chosen by timing where the choice changes numerics) and `dynamic_scale_rblock` (whether a
+    reduction may gain a half-RBLOCK candidate when it loads); each is read when a graph compiles, and each is part
+    of Inductor's own cache key.
     """
     import torch._inductor.config
 

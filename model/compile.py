@@ -37,10 +37,14 @@ def compile_pipeline(
     allow_recompiles(2 * shapes + 3)
     # A previous load() in this process sealed its graphs (model.coldstart); this one compiles.
     torch.compiler.set_stance("default")
-    deterministic_before = set_inductor_option("deterministic", settings.deterministic)
+    options_before = {
+        "deterministic": set_inductor_option("deterministic", settings.deterministic),
+        "dynamic_scale_rblock": set_inductor_option("dynamic_scale_rblock", settings.scale_rblock),
+    }
 
     def undo() -> None:
-        set_inductor_option("deterministic", deterministic_before)
+        for name, value in options_before.items():
+            set_inductor_option(name, value)
         for module in [*pipe.transformer.modules(), pipe.vae.decoder, *_text_encoder_layers(pipe)]:
             set_compiled_call(module, None)
         torch.compiler.set_stance("default")

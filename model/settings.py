@@ -157,11 +157,22 @@ class CompileSettings:
 
     # Inductor picks some kernels' configurations by timing candidates on their first run; a process that picks
     # another one sums in another order. On an H200 it cost 0.4% of kernel time and did not make a cache hit give
-    # its miss's bytes (BENCHMARKS.md, "where a cache miss and its hit part").
+    # its miss's bytes: torch 2.11's deterministic mode still times the half-RBLOCK candidates (`scale_rblock`).
     deterministic: bool = setting(
         "compile_deterministic",
         False,
         meaning="Inductor's deterministic mode: no kernel configuration that changes numerics is chosen by timing",
+    )
+
+    # Inductor may give a reduction that is short of registers a second candidate with half its RBLOCK, timed
+    # against the first on the kernel's first run. torch 2.11 never saves that choice (pytorch/pytorch#189121): every
+    # process, a cache hit included, times the pair again, and near-tied timings pick either, so replicas summed in
+    # other orders and served other bytes for one seed (BENCHMARKS.md, "why replicas part").
+    scale_rblock: bool = setting(
+        "compile_scale_rblock",
+        False,
+        meaning="let Inductor time a half-RBLOCK candidate for register-bound reductions in every process "
+        "(`dynamic_scale_rblock`); on, replicas can serve other bytes for one seed",
     )
 
     @property

@@ -51,10 +51,11 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "shared_block_layout": True,
             "precompile": True,
             "deterministic": False,
+            "scale_rblock": False,
         },
         # `precision` replaced the `fp8` switch (False here); `text_encoder_precision` and the two memory switches
-        # joined later, then `vae_compiled_nchw` and `compile_deterministic`, then `fp8_scaling`: each change changed
-        # the key once.
+        # joined later, then `vae_compiled_nchw` and `compile_deterministic`, then `fp8_scaling`, then
+        # `compile_scale_rblock`: each change changed the key once.
         # Both `auto`s are decided first.
         "optimizations": {
             "fuse_qkv": False,
