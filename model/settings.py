@@ -165,9 +165,10 @@ class CompileSettings:
     )
 
     # Inductor may give a reduction that is short of registers a second candidate with half its RBLOCK, timed
-    # against the first on the kernel's first run. torch 2.11 never saves that choice (pytorch/pytorch#189121): every
-    # process, a cache hit included, times the pair again, and near-tied timings pick either, so replicas summed in
-    # other orders and served other bytes for one seed (BENCHMARKS.md, "why replicas part").
+    # against the first on the kernel's first run. torch 2.11's cache does not hand that choice back
+    # (pytorch/pytorch#189121): every process, a cache hit included, times the pair again, and near-tied timings
+    # pick either, so replicas summed in other orders and served other bytes for one seed (BENCHMARKS.md, "why
+    # replicas parted").
     scale_rblock: bool = setting(
         "compile_scale_rblock",
         False,
