@@ -132,6 +132,22 @@ def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
     assert not [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
 
 
+@pytest.mark.parametrize("scale_rblock", [False, True])
+def test_inductor_times_half_rblock_candidates_only_when_asked_and_undo_restores_it(
+    fresh_engine: FluxEngine, scale_rblock: bool
+) -> None:
+    # Those candidates are timed again in every process, so replicas would pick other reduction orders for one seed.
+    import torch._inductor.config as inductor
+
+    before = inductor.dynamic_scale_rblock
+    undo = compile_pipeline(fresh_engine.pipe, CompileSettings(scale_rblock=scale_rblock), 6, ARTIFACTS)
+    try:
+        assert inductor.dynamic_scale_rblock is scale_rblock
+    finally:
+        undo()
+    assert inductor.dynamic_scale_rblock is before
+
+
 def test_compiled_text_encoders_give_the_same_embeddings_and_undo_clears_them(fresh_engine: FluxEngine) -> None:
     import torch
 
