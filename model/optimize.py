@@ -109,7 +109,7 @@ def _quantizer(precision: str, fp8_scaling: str = "row", fp8_bf16_linears: str =
     def quantize(part: torch.nn.Module) -> None:
         kept = bf16_linears(part, fp8_bf16_linears) if precision == "fp8" else set()
         # None keeps torchao's own choice of linears where nothing is kept back.
-        keep_back = (lambda m, name: isinstance(m, torch.nn.Linear) and name not in kept) if kept else None
-        quantize_(part, config, filter_fn=keep_back)
+        to_quantize = (lambda m, name: isinstance(m, torch.nn.Linear) and name not in kept) if kept else None
+        quantize_(part, config, filter_fn=to_quantize)
 
     return quantize
