@@ -31,7 +31,7 @@ SMALL = {"width": 256, "height": 512}
 
 # sha256 of the JPEG that the seed's example requests (the README's, with seed 42 where they give none, and
 # config.yaml's example_model_input) returned on the tiny model before the API grew any field: the defaults must
-# keep those bytes. The code of then gives them as today's does, computed with PORTABLE_MATH.
+# keep those bytes. Pinned under PORTABLE_MATH, where the code of then gives the same bytes as today's.
 EXAMPLE_BYTES = [
     (
         {"prompt": "a cozy reading nook with warm sunlight", "seed": 42},
