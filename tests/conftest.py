@@ -53,11 +53,16 @@ def settings() -> Settings:
     return Settings.from_sources(environ=TINY_EAGER)
 
 
-@pytest.fixture(scope="session")
-def engine(settings: Settings) -> FluxEngine:
+def tiny_engine(settings: Settings) -> FluxEngine:
+    """An engine of `settings` on the CPU, as a server of them builds it."""
     return FluxEngine(
         load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths, settings.sizes
     )
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> FluxEngine:
+    return tiny_engine(settings)
 
 
 def decode_image(data: str, output_format: str = "jpeg") -> Image.Image:

@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from model.engine import FluxEngine
-from model.pipeline import load_pipeline
 from model.prompts import clip_token_ids, encode_prompts, t5_token_ids
 from model.schema import MAX_OUTPUTS, MAX_PROMPT_CHARS, GenerateRequest
 from model.settings import Settings, config_metadata
-from tests.conftest import TINY_EAGER, LogRecorder, decode_image, decode_jpeg
+from tests.conftest import TINY_EAGER, LogRecorder, decode_image, decode_jpeg, tiny_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,11 +84,8 @@ def test_random_seed_is_returned_and_reproduces_the_image(engine: FluxEngine) ->
 
 
 def example_digests() -> list[tuple[str, str]]:
-    """Each example's (sha256 of its image, its format), from a tiny engine built as the `engine` fixture builds it."""
-    settings = Settings.from_sources(environ=TINY_EAGER)
-    engine = FluxEngine(
-        load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths, settings.sizes
-    )
+    """Each example's (sha256 of its image, its format), from the engine the `engine` fixture is."""
+    engine = tiny_engine(Settings.from_sources(environ=TINY_EAGER))
     responses = [engine.generate(GenerateRequest(**body)) for body, _ in EXAMPLE_BYTES]
     return [(hashlib.sha256(base64.b64decode(r.data)).hexdigest(), r.format) for r in responses]
 
