@@ -53,7 +53,7 @@ def block_hook(opts: Optimizations) -> BlockHook | None:
     """What each transformer part goes through as it reaches the GPU (see model.blocks); None when nothing."""
     if opts.precision not in ("fp8", "int8"):
         return None
-    return _quantizer(opts.precision, opts.fp8_scaling, opts.fp8_bf16_linears)
+    return _quantizer(opts.precision, opts.fp8_scaling)
 
 
 def text_encoder_hook(opts: Optimizations) -> BlockHook | None:
@@ -63,26 +63,7 @@ def text_encoder_hook(opts: Optimizations) -> BlockHook | None:
     return _quantizer(opts.text_encoder_precision)
 
 
-# The text stream's linears in diffusers' Flux double blocks, by their names in the block.
-CONTEXT_LINEARS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_added_qkv", "to_add_out")
-# Modules whose linears see one row per image: the adaLN modulations and the timestep and pooled-text embedding.
-MODULATION_MODULES = ("AdaLayerNorm", "CombinedTimestep")
-
-
-def bf16_linears(part: torch.nn.Module, kept: str) -> set[str]:
-    """The names, within `part`, of the linears that `fp8_bf16_linears=kept` leaves in bf16."""
-    names: set[str] = set()
-    for name, module in part.named_modules():
-        prefix = f"{name}." if name else ""
-        if kept in ("modulation", "both") and type(module).__name__.startswith(MODULATION_MODULES):
-            names |= {prefix + n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
-        in_context = name.split(".")[-1] in CONTEXT_LINEARS or name.startswith("ff_context")
-        if kept in ("context", "both") and isinstance(module, torch.nn.Linear) and in_context:
-            names.add(name)
-    return names
-
-
-def _quantizer(precision: str, fp8_scaling: str = "row", fp8_bf16_linears: str = "none") -> BlockHook:
+def _quantizer(precision: str, fp8_scaling: str = "row") -> BlockHook:
     # Imported lazily: torchao is only needed by the quantized precisions.
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
@@ -107,9 +88,6 @@ def _quantizer(precision: str, fp8_scaling: str = "row", fp8_bf16_linears: str =
         config = Int8WeightOnlyConfig(set_inductor_config=False)
 
     def quantize(part: torch.nn.Module) -> None:
-        kept = bf16_linears(part, fp8_bf16_linears) if precision == "fp8" else set()
-        # None keeps torchao's own choice of linears where nothing is kept back.
-        to_quantize = (lambda m, name: isinstance(m, torch.nn.Linear) and name not in kept) if kept else None
-        quantize_(part, config, filter_fn=to_quantize)
+        quantize_(part, config)
 
     return quantize

@@ -49,7 +49,6 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 # "auto": b10-transfer on Baseten's cache volume, the local directory elsewhere (model.cache).
 CacheBackend = Literal["auto", "b10-transfer", "local", "none"]
 Fp8Scaling = Literal["row", "tensor"]
-Fp8Bf16Linears = Literal["none", "modulation", "context", "both"]
 
 
 def _comma_separated(value: Any) -> Any:
@@ -263,14 +262,6 @@ class Optimizations:
     fp8_scaling: Fp8Scaling = setting(
         "fp8_scaling", "row", meaning="fp8's scale granularity for activations and weights: `row` or `tensor`"
     )
-    # fp8 scales each linear's input on the fly before its matmul: for the linears with few rows (the adaLN
-    # modulation's one, the text stream's 256 or 512) that may cost more than the fp8 matmul saves.
-    fp8_bf16_linears: Fp8Bf16Linears = setting(
-        "fp8_bf16_linears",
-        "none",
-        meaning="the linears fp8 leaves in bf16: `modulation` (the adaLN and timestep linears, one row each), "
-        "`context` (the text stream's, one row per token), `both`, or `none`",
-    )
     # T5's weights are 9.5 GB in bf16: with a quantized transformer, the largest part left (model/precision.py).
     text_encoder_precision: TextEncoderPrecisionSetting = setting(
         "text_encoder_precision",
@@ -282,13 +273,11 @@ class Optimizations:
 
     def enabled(self) -> list[str]:
         """The switches that change the model: every one that is on, each precision other than bf16, and fp8's
-        own switches with fp8."""
+        scaling with fp8."""
         return [
             name if value is True else f"{name}={value}"
             for name, value in vars(self).items()
-            if value
-            and value not in ("auto", "bf16", "none")
-            and (not name.startswith("fp8_") or self.precision == "fp8")
+            if value and value not in ("auto", "bf16") and (name != "fp8_scaling" or self.precision == "fp8")
         ]
 
 

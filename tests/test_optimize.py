@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.blocks import transformer_parts
 from model.engine import FluxEngine
 from model.model import Model
-from model.optimize import Optimizations, bf16_linears, block_hook, optimize
+from model.optimize import Optimizations, block_hook, optimize
 from model.pipeline import load_pipeline
 from model.schema import GenerateRequest
 from model.settings import Settings, config_metadata
@@ -75,33 +74,6 @@ def test_quantizing_leaves_inductor_settings_alone(precision: str) -> None:
             assert "compute capability" in str(exc)
         assert not config.coordinate_descent_tuning
         assert not config.coordinate_descent_check_all_directions
-
-
-def test_fp8_leaves_in_bf16_only_the_linears_with_few_rows_it_names(settings: Settings) -> None:
-    transformer = load_pipeline(settings, device="cpu").transformer
-
-    def kept(groups: str) -> set[str]:
-        return {
-            f"{type(part).__name__}.{name}"
-            for part in transformer_parts(transformer)
-            for name in bf16_linears(part, groups)
-        }
-
-    modulation, context = kept("modulation"), kept("context")
-    assert kept("none") == set()
-    # One row per image: the adaLN modulations of every block and of the output norm, and the timestep embedding.
-    assert {"FluxTransformerBlock.norm1.linear", "FluxTransformerBlock.norm1_context.linear"} <= modulation
-    assert {"FluxSingleTransformerBlock.norm.linear", "AdaLayerNormContinuous.linear"} <= modulation
-    assert all(".norm" in name or "Timestep" in name or name.startswith("AdaLayerNorm") for name in modulation)
-    # One row per text token: the text stream's projections and feed-forward, and nothing of the image stream's.
-    assert context == {
-        f"FluxTransformerBlock.{name}"
-        for name in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-        + ("ff_context.net.0.proj", "ff_context.net.2")
-    }
-    assert kept("both") == modulation | context
-    assert Optimizations(fp8_bf16_linears="both").enabled() == Optimizations().enabled(), "without fp8 it does nothing"
-    assert "fp8_bf16_linears=context" in Optimizations(precision="fp8", fp8_bf16_linears="context").enabled()
 
 
 def test_postprocessing_on_the_device_gives_the_same_bytes(settings: Settings, engine: FluxEngine) -> None:

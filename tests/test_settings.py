@@ -55,7 +55,7 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
         },
         # `precision` replaced the `fp8` switch (False here); `text_encoder_precision` and the two memory switches
         # joined later, then `vae_compiled_nchw` and `compile_deterministic`, then `fp8_scaling`, then
-        # `compile_scale_rblock` and `fp8_bf16_linears`: each change changed the key once.
+        # `compile_scale_rblock`: each change changed the key once.
         # Both `auto`s are decided first.
         "optimizations": {
             "fuse_qkv": False,
@@ -66,7 +66,6 @@ def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
             "attention_backend": None,
             "precision": "bf16",
             "fp8_scaling": "row",
-            "fp8_bf16_linears": "none",
             "text_encoder_precision": "bf16",
         },
         "resolutions": ["1024x1024", "1216x832", "896x1152"],
