@@ -182,9 +182,10 @@ def prepare(
         report.compile_warmup_s = time.perf_counter() - started
 
     log.info(
-        "compile and warm-up took %.1f s; new graphs compiled: %d",
+        "compile and warm-up took %.1f s; new graphs compiled: %d, functions precompiled: %d",
         report.compile_warmup_s,
         report.warmup.compiled.fxgraph_misses,
+        report.warmup.compiled.precompiled,
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
