@@ -554,8 +554,10 @@ CONFLICTS = (
         yields="compile_precompile",
         wins="precision",
         holds=lambda values: values["precision"] in ("fp8", "int8"),
-        reason="quantized weights were measured with Dynamo's own compile and have never gone through a "
-        "precompiled function",
+        # Measured on an H200 (BENCHMARKS.md): saving the function pickles its guards with a meta copy of every
+        # guarded tensor (torch.empty_like), which torchao's Float8Tensor weights do not implement.
+        reason="a precompiled function cannot save guards on quantized weights (torchao's tensors have no "
+        "empty_like), so Dynamo compiles them",
     ),
     Conflict(
         yields="compile",
