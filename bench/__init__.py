@@ -4,6 +4,7 @@ import logging
 import sys
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 
 from model.settings import env_for
@@ -69,3 +70,9 @@ def config_env(name: str) -> dict[str, str]:
 def log_to_stderr() -> None:
     """In a benchmark's child process: load()'s progress goes to stderr, which the parent streams."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def psnr_db(pixels: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR of 8-bit pixels against a reference, in dB; identical images get a finite ceiling instead of inf."""
+    mse = float(np.mean((pixels.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return round(10 * np.log10(255**2 / max(mse, 1e-12)), 2)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from bench import psnr_db
 from model.images import to_base64
 from model.resolutions import Resolution
 from model.schema import DEFAULT_OUTPUT_QUALITY
@@ -40,9 +41,8 @@ def median_ms(encode: Callable[[], str], runs: int) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
-def psnr_db(encoded: str, pixels: np.ndarray) -> float:
-    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")).astype(np.float64)
-    return round(10 * np.log10(255**2 / np.mean((decoded - pixels) ** 2)), 2)
+def decoded(encoded: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"))
 
 
 def encoders(pixels: np.ndarray, quality: int) -> dict[str, Callable[[], str]]:
@@ -73,7 +73,7 @@ def main() -> None:
                 "encoder": name,
                 "median_ms": median_ms(encode, args.runs),
                 "base64_bytes": len(encoded),
-                "psnr_db": psnr_db(encoded, pixels),
+                "psnr_db": psnr_db(decoded(encoded), pixels),
             }
             print(json.dumps(result), flush=True)
 

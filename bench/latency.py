@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import config_env, log_to_stderr
+from bench import config_env, log_to_stderr, psnr_db
 from model.settings import env_for
 
 
@@ -333,8 +333,7 @@ def child(
         np.save(reference, pixels)
     elif reference.exists():
         ref = np.load(reference)
-        mse = float(np.mean((pixels - ref) ** 2))
-        result["psnr_vs_eager_db"] = round(10 * np.log10(255**2 / max(mse, 1e-12)), 2)
+        result["psnr_vs_eager_db"] = psnr_db(pixels, ref)
         result["max_abs_diff_vs_eager"] = int(np.abs(pixels - ref).max())
     return result
 
