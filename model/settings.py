@@ -556,7 +556,7 @@ CONFLICTS = (
         holds=lambda values: values["precision"] in ("fp8", "int8"),
         # Measured on an H200 (BENCHMARKS.md): saving the function pickles its guards with a meta copy of every
         # guarded tensor (torch.empty_like), which torchao's Float8Tensor weights do not implement.
-        reason="a precompiled function cannot save guards on quantized weights (torchao's tensors have no "
+        reason="a precompiled function cannot save guards on torchao's quantized weights (its Float8Tensor has no "
         "empty_like), so Dynamo compiles them",
     ),
     Conflict(
