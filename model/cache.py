@@ -57,6 +57,11 @@ class CacheResult:
 class CompileCache(Protocol):
     name: str
 
+    def prepared_restore(self) -> Callable[[], CacheResult]:
+        """Set up on the calling thread whatever the restore reads from the process, and return the restore itself,
+        which may then run on another thread."""
+        ...
+
     def restore(self) -> CacheResult: ...
 
     def save(self) -> CacheResult: ...
@@ -119,6 +124,9 @@ def _has_artifacts(path: Path) -> bool:
 class NoCache:
     name = "none"
 
+    def prepared_restore(self) -> Callable[[], CacheResult]:
+        return self.restore
+
     def restore(self) -> CacheResult:
         return CacheResult(Outcome.DISABLED, "compile cache disabled")
 
@@ -134,6 +142,9 @@ class LocalDirectoryCache:
     def __init__(self, root: Path, artifacts: CompileArtifacts) -> None:
         self.archive = root / artifacts.key / ARCHIVE_NAME
         self.inductor_dir = artifacts.inductor_dir
+
+    def prepared_restore(self) -> Callable[[], CacheResult]:
+        return self.restore
 
     def restore(self) -> CacheResult:
         started = time.perf_counter()
@@ -187,21 +198,6 @@ def _extract_atomically(archive_path: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of a call; b10-transfer reads its settings from them."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class B10TransferCache:
     """Baseten's b10-transfer. Its calls return OperationStatus, whose members are all truthy, so each is mapped.
 
@@ -217,8 +213,11 @@ class B10TransferCache:
     RESTORE_OUTCOMES = {"SUCCESS": Outcome.HIT, "SKIPPED": Outcome.PRESENT, "DOES_NOT_EXIST": Outcome.MISS}
     # save_compile_cache() status -> outcome. SKIPPED: another replica stored this generation first.
     SAVE_OUTCOMES = {"SUCCESS": Outcome.SAVED, "SKIPPED": Outcome.EXISTS}
-    # A save keeps the generation before its own: another replica may still be copying it out.
+    # A save keeps the generation before its own, and any older one superseded less than this long ago: a replica
+    # picks the newest generation when its restore starts and copies it out in seconds (1.8 s for 24 MB on an H200's
+    # host, BENCHMARKS.md), so a generation nobody has picked for this long has no reader left.
     KEPT_GENERATIONS = 2
+    READERS_GONE_AFTER_S = 3600.0
 
     def __init__(self, artifacts: CompileArtifacts, root: Path = B10FS_ROOT) -> None:
         # b10-transfer itself archives TORCHINDUCTOR_CACHE_DIR, which is where artifacts.inductor_dir comes from.
@@ -246,21 +245,20 @@ class B10TransferCache:
         stored = [number for number, path in self._generation_dirs().items() if _b10_archive(path) is not None]
         return sorted(stored, reverse=True)
 
-    def _call(
-        self,
-        function_name: str,
-        outcomes: Mapping[str, Outcome],
-        generation: int,
-        before: Callable[[], None] | None = None,
-    ) -> CacheResult:
+    @staticmethod
+    def _point_b10_transfer_at(directory: Path) -> None:
+        """b10-transfer reads its directory from B10FS_CACHE_DIR when called, and takes no argument for it.
+
+        Set from the thread that starts the restore, before the restore's thread exists (`prepared_restore`), and
+        from load()'s own thread for the save, when no other thread of this package runs.
+        """
+        os.environ["B10FS_CACHE_DIR"] = str(directory)
+
+    def _call(self, function_name: str, outcomes: Mapping[str, Outcome], directory: Path) -> CacheResult:
+        """Call b10-transfer, which must already be pointed at `directory`."""
         started = time.perf_counter()
-        directory = self.generation_dir(generation)
         try:
-            module = importlib.import_module("b10_transfer")
-            if before is not None:
-                before()
-            with _environment({"B10FS_CACHE_DIR": str(directory)}):
-                status = getattr(module, function_name)()
+            status = getattr(importlib.import_module("b10_transfer"), function_name)()
         except Exception as exc:  # b10fs unavailable, permissions, or a bug in the library: keep serving
             return CacheResult(Outcome.ERROR, f"b10-transfer {function_name} raised {exc!r}")
         status_name = getattr(status, "name", str(status))
@@ -273,22 +271,27 @@ class B10TransferCache:
             archive.stat().st_size if archive is not None else 0,
         )
 
-    def restore(self) -> CacheResult:
+    def prepared_restore(self) -> Callable[[], CacheResult]:
         stored = self.stored_generations()
-        return self._call("load_compile_cache", self.RESTORE_OUTCOMES, stored[0] if stored else 0)
+        directory = self.generation_dir(stored[0] if stored else 0)
+        self._point_b10_transfer_at(directory)
+        return lambda: self._call("load_compile_cache", self.RESTORE_OUTCOMES, directory)
+
+    def restore(self) -> CacheResult:
+        return self.prepared_restore()()
 
     def save(self) -> CacheResult:
         stored = self.stored_generations()
         generation = stored[0] + 1 if stored else 0
         directory = self.generation_dir(generation)
-        result = self._call(
-            "save_compile_cache",
-            self.SAVE_OUTCOMES,
-            generation,
-            before=lambda: directory.mkdir(parents=True, exist_ok=True),
-        )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return CacheResult(Outcome.ERROR, f"could not create {directory}: {exc!r}")
+        self._point_b10_transfer_at(directory)
+        result = self._call("save_compile_cache", self.SAVE_OUTCOMES, directory)
         if result.outcome is Outcome.SAVED:
-            self._drop_generations_before(generation - self.KEPT_GENERATIONS + 1)
+            self._drop_unread_generations(generation - self.KEPT_GENERATIONS + 1)
             _warn_near_b10_transfer_cap(result.size_bytes)
         elif result.outcome is Outcome.ERROR:
             # b10-transfer logs why on its own logger; the one cause this package can foresee is its size cap.
@@ -298,9 +301,25 @@ class B10TransferCache:
             )
         return result
 
-    def _drop_generations_before(self, oldest_kept: int) -> None:
-        for number, path in self._generation_dirs().items():
-            if number < oldest_kept:
+    def _drop_unread_generations(self, oldest_kept: int) -> None:
+        """Remove each generation before `oldest_kept` whose successor was stored over READERS_GONE_AFTER_S ago.
+
+        A replica reads the generation that was newest when its restore began, so once a newer one exists a
+        generation gains no readers; a restore still copying it out when it is removed would fail and cost that
+        replica a compile. The wait outlasts any restore, so no reader is cut off; the next save removes the rest.
+        """
+        generations = self._generation_dirs()
+        stored = {n: archive for n, path in generations.items() if (archive := _b10_archive(path)) is not None}
+        now = time.time()
+        for number, path in generations.items():
+            successor = min((n for n in stored if n > number), default=None)
+            if number >= oldest_kept or successor is None:
+                continue
+            try:
+                superseded_s = now - stored[successor].stat().st_mtime
+            except OSError:
+                continue
+            if superseded_s > self.READERS_GONE_AFTER_S:
                 shutil.rmtree(path, ignore_errors=True)
 
 

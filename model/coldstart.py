@@ -1,7 +1,8 @@
-"""load()'s sequence: restore the compile cache, compile, warm up every served shape, save when new.
+"""load()'s sequence: restore the compile cache, load the weights, compile, warm up every served shape, check
+that a size never warmed up compiles nothing, save when new, capture the text encoders.
 
 The restore needs only the cache key, not the weights, so it runs on a thread while the weights load
-(`restore_in_background`), and `prepare` joins it before compiling.
+(`begin_restore`), and `prepare` joins it before compiling.
 
 Neither the cache nor the compiler can fail a deployment: cache problems are logged and cost a
 compile from scratch; a compile or warm-up failure falls back to eager with a loud log.
@@ -24,13 +25,18 @@ from model.cache import (
     CompileCache,
     Outcome,
     archived_bytes,
+    choose_backend,
     set_aside_what_a_hit_never_reads,
 )
 from model.compat import compile_counts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine, Job
+from model.optimize import block_hook, configure_process, optimize, text_encoder_hook
+from model.pipeline import load_pipeline
+from model.prompt_cache import PromptEmbeddingCache
 from model.resolutions import Resolution
-from model.settings import CompileSettings
+from model.settings import CompileSettings, Settings
+from model.text_graphs import capture_text_encoders
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,10 @@ WARMUP_PROMPT = "a warm-up prompt that exercises the text encoders"
 # Every denoising step calls the transformer with the same shapes, so one step compiles and checks the same
 # graphs as four; the 57 block calls inside it already reuse each block graph. Fewer steps, shorter load().
 WARMUP_STEPS = 1
+# Up to two runs per shape: the first compiles, the second proves that no guard fails on reuse. A shape whose first
+# run compiled nothing new (a cache hit) runs once: its code passed that check when it was compiled, and second runs
+# were a measurable part of a hit's load() (BENCHMARKS.md).
+WARMUP_RUNS = 2
 # Candidates for the size that compiles the dynamic-shape graph: the first without a static graph is taken. Each is
 # non-square, so Dynamo gives width and height their own symbols, and its token count (width/16 * height/16) is
 # neither text length, so no image dimension is tied to the text's.
@@ -56,7 +66,8 @@ DYNAMIC_AREA_LADDER = (
     Resolution(1440, 960),
     Resolution(1536, 1296),
 )
-# Then a size never warmed up, at the other text length, must run without compiling anything.
+# Then a size never warmed up must run at every text length without compiling anything: load() runs it with
+# compiling forbidden and reports the outcome (`ColdStartReport.dynamic_check`).
 DYNAMIC_CHECK_SIZE = Resolution(1008, 784)
 
 
@@ -69,6 +80,7 @@ class CompileCounters:
     fxgraph_hits: int
     precompiled: int = 0  # functions compiled ahead of time and saved (model.precompile)
     precompiled_loaded: int = 0
+    eager_calls: int = 0  # region calls no precompiled function accepted, run eagerly
 
     @classmethod
     def now(cls) -> CompileCounters:
@@ -76,6 +88,7 @@ class CompileCounters:
             **compile_counts(),
             precompiled=precompile.COUNTERS["compiled"],
             precompiled_loaded=precompile.COUNTERS["loaded"],
+            eager_calls=precompile.COUNTERS["eager_calls"],
         )
 
     def __sub__(self, other: CompileCounters) -> CompileCounters:
@@ -114,6 +127,8 @@ class ColdStartReport:
     compile_warmup_s: float = 0.0
     save_s: float = 0.0
     warmup: WarmupReport = field(default_factory=WarmupReport)
+    # "passed", or why a size never warmed up would have compiled; None when there is no dynamic-shape graph.
+    dynamic_check: str | None = None
     cache_bytes: int = 0
 
 
@@ -123,15 +138,52 @@ def _logged(action: str, result: CacheResult) -> CacheResult:
     return result
 
 
-def restore_in_background(cache: CompileCache, compile_settings: CompileSettings) -> Future[CacheResult] | None:
-    """Start restoring the compile cache on a thread; None when nothing will be compiled."""
-    if not compile_settings.enabled:
-        return None
+@dataclass
+class PendingRestore:
+    """The compile cache of one configuration, and its restore running on a thread (None: nothing to compile)."""
+
+    cache: CompileCache
+    artifacts: CompileArtifacts
+    future: Future[CacheResult] | None
+
+
+def begin_restore(settings: Settings) -> PendingRestore:
+    """Start restoring the compile cache of `settings` (resolved for this GPU) on a thread, beside the weights."""
+    artifacts = CompileArtifacts.here(settings.fingerprint_facts())
+    cache = choose_backend(settings.cache_backend, artifacts, settings.cache_dir)
+    if not settings.compile_settings.enabled:
+        return PendingRestore(cache, artifacts, None)
     log.info("compile cache restore started (%s), alongside the weights", cache.name)
+    # Whatever the restore reads from the process (b10-transfer: its environment) is set here, on this thread,
+    # before the restore's thread starts: setenv racing getenv in native code on the weights' thread is not safe.
+    restore = cache.prepared_restore()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-cache-restore")
-    restoring = executor.submit(cache.restore)
+    future = executor.submit(restore)
     executor.shutdown(wait=False)  # the thread ends with the restore
-    return restoring
+    return PendingRestore(cache, artifacts, future)
+
+
+def load_engine(
+    settings: Settings, hf_token: str | None, restore: PendingRestore
+) -> tuple[FluxEngine, ColdStartReport]:
+    """The weights, the optimizations, then `prepare`, then the text encoders' CUDA graphs: a serving engine."""
+    started = time.perf_counter()
+    configure_process()
+    pipe = load_pipeline(
+        settings,
+        hf_token=hf_token,
+        on_block=block_hook(settings.precision),
+        on_text_encoder=text_encoder_hook(settings.text_encoder_precision),
+    )
+    optimize(pipe)
+    prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
+    engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache)
+    weights_s = time.perf_counter() - started
+    report = prepare(engine, settings.compile_settings, restore.cache, restore.artifacts, restore.future)
+    report.weights_s = weights_s
+    # After the warm-up, so that the encoders are captured as they serve.
+    engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
+    return engine, report
 
 
 def _joined(restoring: Future[CacheResult]) -> CacheResult:
@@ -166,9 +218,11 @@ def prepare(
     undo = None
     try:
         undo = compile_pipeline(engine.pipe, compile_settings, shapes=len(engine.shapes()), artifacts=artifacts)
-        dynamic = dynamic_warmup_shapes(engine) if compile_settings.dynamic_graph else []
-        report.warmup = warm_up(engine, compile_settings.warmup_runs, dynamic)
+        dynamic = dynamic_warmup_shapes(engine) if compile_settings.any_size else []
+        report.warmup = warm_up(engine, WARMUP_RUNS, dynamic)
         report.compiled = True
+        if dynamic:
+            report.dynamic_check = check_a_size_never_warmed_up(engine)
         # From here on a request never compiles: a graph whose guards fail runs eagerly instead (model.graph_route
         # makes every served size find one).
         torch.compiler.set_stance("eager_on_recompile")
@@ -181,17 +235,21 @@ def prepare(
     finally:
         report.compile_warmup_s = time.perf_counter() - started
 
-    log.info(
-        "compile and warm-up took %.1f s; new graphs compiled: %d, functions precompiled: %d",
+    log.log(
+        logging.INFO if report.dynamic_check in (None, "passed") else logging.WARNING,
+        "compile and warm-up took %.1f s; new graphs compiled: %d, functions precompiled: %d, calls run eagerly: %d; "
+        "a size never warmed up: %s",
         report.compile_warmup_s,
         report.warmup.compiled.fxgraph_misses,
         report.warmup.compiled.precompiled,
+        report.warmup.compiled.eager_calls,
+        report.dynamic_check or "no dynamic-shape graph",
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
-        report.save = _save(cache, artifacts.inductor_dir, compile_settings.only_precompiled)
+        report.save = _save(cache, artifacts.inductor_dir, compile_settings.precompile)
         report.save_s = time.perf_counter() - started
-    report.cache_bytes = _archived_bytes(artifacts.inductor_dir, compile_settings.only_precompiled)
+    report.cache_bytes = _archived_bytes(artifacts.inductor_dir, compile_settings.precompile)
     return report
 
 
@@ -225,8 +283,8 @@ def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
 
     A size without a static graph at the first text length (its first run compiles the dynamic graph), the same
     size turned the other way at the last text length (every size-dependent dimension differs: a guard that
-    specialized on one of them compiles again here, at load, not on a request), a ladder of areas for the kernels
-    the convolutions pick by size, then a size none of them is, which must compile nothing.
+    specialized on one of them compiles again here, at load, not on a request), then a ladder of areas for the
+    kernels the convolutions pick by size. `check_a_size_never_warmed_up` then runs a size none of them is.
     """
     first, last = engine.text_lengths[0], engine.text_lengths[-1]
 
@@ -238,8 +296,25 @@ def dynamic_warmup_shapes(engine: FluxEngine) -> list[tuple[Resolution, int]]:
         log.warning("no dynamic warm-up size fits this deployment's bounds: the dynamic-shape graph is not warmed up")
         return []
     ladder = [(r, first) for r in DYNAMIC_AREA_LADDER]
-    shapes = [(size, first), (size.transposed(), last), *ladder, (DYNAMIC_CHECK_SIZE, last)]
+    shapes = [(size, first), (size.transposed(), last), *ladder]
     return [(r, n) for r, n in shapes if servable(r)]
+
+
+def check_a_size_never_warmed_up(engine: FluxEngine) -> str:
+    """Run DYNAMIC_CHECK_SIZE at every text length with compiling forbidden: "passed", or what would have compiled.
+
+    A failure costs nothing but the log line: after load() such a size runs eagerly, never compiling on a request.
+    """
+    size = DYNAMIC_CHECK_SIZE
+    if engine.sizes.bounds.problem(size.width, size.height) is not None or engine.is_static(size):
+        return f"not run ({size} is not served by the dynamic-shape graph here)"
+    for text_length in engine.text_lengths:
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                engine.run(_warmup_job(size, text_length))
+        except Exception as exc:
+            return f"FAILED: {size} at text length {text_length} would have compiled ({exc!r:.300})"
+    return "passed"
 
 
 def warm_up(

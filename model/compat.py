@@ -60,16 +60,6 @@ def allow_recompiles(per_code_object: int) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * config.recompile_limit)
 
 
-def compiled_call(module: torch.nn.Module) -> Callable[..., Any] | None:
-    """The compiled forward that nn.Module.compile() stores on a module, if any."""
-    return module._compiled_call_impl
-
-
-def set_compiled_call(module: torch.nn.Module, call: Callable[..., Any] | None) -> None:
-    """Route a module's calls through `call`, in the slot nn.Module.compile() uses; None restores eager."""
-    module._compiled_call_impl = call
-
-
 def repeated_block_names(transformer: torch.nn.Module) -> set[str]:
     """The class names of a diffusers model's repeated blocks: what compile_repeated_blocks() compiles."""
     return set(transformer._repeated_blocks)
@@ -109,6 +99,38 @@ def aot_compile_enabled() -> Iterator[None]:
         yield
 
 
+def aot_compile(compile_wrapper: Callable[..., Any], owner: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Trace and compile `function(owner, *args, **kwargs)` ahead of time into a function that can be saved.
+
+    `.aot_compile` on torch.compile's wrapper is experimental in torch 2.11 (and only attached under
+    `aot_compile_enabled`); it is the one way to save a compiled function that a later process loads without Dynamo.
+    """
+    return compile_wrapper.aot_compile(((owner, *args), kwargs))
+
+
+def skip_guard_check(compiled: Any) -> None:
+    """Stop a precompiled function checking its guards on every call: its caller keys calls by input signature, and a
+    region's 57 blocks call it hundreds of times a request. Experimental: `disable_guard_check` of aot_compile's
+    result."""
+    compiled.disable_guard_check()
+
+
+def guards_accept(compiled: Any, *args: Any, **kwargs: Any) -> bool:
+    """Whether a precompiled function's saved guards accept these inputs: what a function compiled for any size
+    checks, once per call, to find the function whose size range fits. Experimental: `guard_check`."""
+    return bool(compiled.guard_check(*args, **kwargs))
+
+
+def keep_input_and_shape_guards(entries: list[Any]) -> list[bool]:
+    """The guards a function compiled for any size keeps: its inputs' tensor guards and the relations between their
+    symbolic sizes (guard type "SHAPE_ENV", a name torch does not export), which say which sizes its code is valid
+    for. Parameters' guards go, as for every region: they cannot be saved, and one function serves every block."""
+    import torch
+
+    tensor_guards = torch.compiler.keep_tensor_guards_unsafe(entries)
+    return [keep or entry.guard_type == "SHAPE_ENV" for keep, entry in zip(tensor_guards, entries, strict=True)]
+
+
 def b10fs_enabled_by_b10_transfer() -> bool:
     """b10-transfer's own reading of BASETEN_FS_ENABLED: True, False, or an exception for a value it refuses.
 
@@ -140,10 +162,8 @@ def specialized_floats(on: bool = True) -> Iterator[None]:
 def set_inductor_option(name: str, value: Any) -> Any:
     """Set one of Inductor's process-wide options (`torch._inductor.config`), returning its previous value.
 
-    Used for `layout_optimization` (whether Inductor may turn convolutions channels-last), `deterministic` (no
-    kernel configuration chosen by timing where the choice changes numerics) and `dynamic_scale_rblock` (whether a
-    reduction may gain a half-RBLOCK candidate when it loads); each is read when a graph compiles, and each is part
-    of Inductor's own cache key.
+    Used for `dynamic_scale_rblock` (whether a reduction may gain a half-RBLOCK candidate when it loads), which is
+    read when a graph compiles and is part of Inductor's own cache key.
     """
     import torch._inductor.config
 

@@ -23,7 +23,7 @@ from model.graph_route import dynamic_graph
 from model.images import to_base64
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
-from model.resolutions import Resolution, ResolutionRegistry
+from model.resolutions import Resolution, ResolutionRegistry, ServedSizes
 from model.schema import (
     DEFAULT_OUTPUT_QUALITY,
     DEFAULT_SIDE,
@@ -34,7 +34,6 @@ from model.schema import (
     GenerateResponse,
     OutputFormat,
 )
-from model.settings import SizeSettings
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +74,14 @@ class FluxEngine:
         pipe: FluxPipeline,
         resolutions: ResolutionRegistry,
         text_lengths: Iterable[int],
-        sizes: SizeSettings | None = None,
+        sizes: ServedSizes | None = None,
         prompt_cache: PromptEmbeddingCache | None = None,
     ) -> None:
         self.pipe = pipe
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
-        self.sizes = sizes if sizes is not None else SizeSettings()
+        self.sizes = sizes if sizes is not None else ServedSizes()
         # A budget of 0 keeps nothing: every request runs the text encoders (a warm-up, a test).
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptEmbeddingCache(0)
         # The pipeline's own encoders until load() swaps in faster ones that give the same bytes (model.text_graphs).

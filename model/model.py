@@ -7,25 +7,17 @@ parse requests into GenerateRequest and publish the schema, and string annotatio
 import logging
 import shutil
 import subprocess
-import time
-from concurrent.futures import Future
 from typing import Any
 
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from model.artifacts import CompileArtifacts
-from model.cache import CacheResult, choose_backend
-from model.coldstart import ColdStartReport, prepare, restore_in_background
+from model.coldstart import ColdStartReport, PendingRestore, begin_restore, load_engine
 from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
-from model.optimize import block_hook, configure_allocator, optimize, text_encoder_hook
-from model.pipeline import load_pipeline
 from model.precision import gpu_facts
-from model.prompt_cache import PromptEmbeddingCache
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
-from model.text_graphs import capture_text_encoders
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +32,23 @@ class Model:
         self._hf_token = _optional_secret(kwargs.get("secrets"), "hf_access_token")
         self._engine: FluxEngine | None = None
         self._health = ReplicaHealth()
-        self._restoring: Future[CacheResult] | None = None
+        self._restore: PendingRestore | None = None
         self.cold_start: ColdStartReport | None = None
 
     def load(self) -> None:
-        """Weights, then cache restore, compile, warm-up and cache save. Safe to call again after a failure."""
+        """The cache restore beside the weights, then compile, warm-up and cache save (model.coldstart). Safe to call
+        again after a failure."""
         if self._engine is not None:
             log.info("already loaded")
             return
         _log_gpu()
-        # Reading the GPU's facts initialises CUDA here, before the restore's thread starts: b10-transfer sets
-        # environment variables while it runs, which must not race CUDA's own reads of them.
+        # Reading the GPU's facts initialises CUDA here, before the restore's thread starts.
         settings = self._settings.resolved(gpu_facts())
-        artifacts = CompileArtifacts.here(settings.fingerprint_facts())
-        cache = choose_backend(settings.cache.backend, artifacts, settings.cache.local_dir)
         # A retry after the weights failed joins the restore the failed attempt started, rather than racing it.
-        if self._restoring is None:
-            self._restoring = restore_in_background(cache, settings.compile)
-        started = time.perf_counter()
-        opts = settings.optimizations
-        configure_allocator(opts)
-        pipe = load_pipeline(
-            settings, hf_token=self._hf_token, on_block=block_hook(opts), on_text_encoder=text_encoder_hook(opts)
-        )
-        optimize(pipe, opts)
-        prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
-        engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache)
-        weights_s = time.perf_counter() - started
-        self.cold_start = prepare(engine, settings.compile, cache, artifacts, self._restoring)
-        self.cold_start.weights_s = weights_s
-        if opts.text_encoder_cuda_graphs:
-            # After the warm-up, so that compiled encoder layers are captured as they serve.
-            engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
-        self._engine = engine
-        log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.sizes.bounds)
+        if self._restore is None:
+            self._restore = begin_restore(settings)
+        self._engine, self.cold_start = load_engine(settings, self._hf_token, self._restore)
+        log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.bounds)
 
     async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
         """Refuse a body over MAX_BODY_BYTES, measured on the bytes received: a chunked body declares no length.

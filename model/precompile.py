@@ -25,17 +25,21 @@ import torch
 
 from model.artifacts import CompileArtifacts
 from model.compat import (
+    aot_compile,
     aot_compile_enabled,
     compile_stance,
+    guards_accept,
     inductor_mode_options,
-    set_compiled_call,
+    keep_input_and_shape_guards,
+    skip_guard_check,
     specialized_floats,
 )
 
 log = logging.getLogger(__name__)
 
-# Read by model.coldstart's CompileCounters: how many functions were compiled, and loaded from files, in this process.
-COUNTERS = {"compiled": 0, "loaded": 0}
+# Read by model.coldstart's CompileCounters: how many functions were compiled, and loaded from files, in this process,
+# and how many calls after warm-up found no function and ran eagerly.
+COUNTERS = {"compiled": 0, "loaded": 0, "eager_calls": 0}
 
 
 def input_signature(value: Any, sizes: bool = True) -> Hashable:
@@ -51,13 +55,6 @@ def input_signature(value: Any, sizes: bool = True) -> Hashable:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise TypeError(f"cannot precompile for an input of type {type(value).__name__}")
-
-
-def keep_input_and_shape_guards(entries: list[Any]) -> list[bool]:
-    """The guards a function compiled for any size keeps: its inputs' tensor guards and the relations between
-    their symbolic sizes, which say which sizes its code is valid for. Parameters' guards go, as for every region."""
-    tensor_guards = torch.compiler.keep_tensor_guards_unsafe(entries)
-    return [keep or entry.guard_type == "SHAPE_ENV" for keep, entry in zip(tensor_guards, entries, strict=True)]
 
 
 class PrecompiledRegion:
@@ -83,6 +80,8 @@ class PrecompiledRegion:
         with aot_compile_enabled():
             self._compile = torch.compile(function, fullgraph=True, dynamic=any_size, options=inductor_options)
         self._functions: dict[Hashable, list[Callable[..., Any]]] = {}
+        # Signatures that ran eagerly after warm-up, each logged once: a request calls each region dozens of times.
+        self._eager_signatures: set[Hashable] = set()
 
     def __call__(self, owner: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         key = input_signature((args, kwargs), sizes=not self.any_size)
@@ -90,14 +89,17 @@ class PrecompiledRegion:
         if functions is None:
             functions = self._functions[key] = self._load(key)
         # Guards are checked here, once, and only for any size: a full signature already matched.
-        accepting = (f for f in functions if not self.any_size or f.guard_check(owner, *args, **kwargs))
+        accepting = (f for f in functions if not self.any_size or guards_accept(f, owner, *args, **kwargs))
         compiled = next(accepting, None)
         if compiled is None:
             # After load()'s warm-up, an input nothing was compiled for runs eagerly, as under Dynamo's stance.
             if (stance := compile_stance()) != "default":
                 if stance == "fail_on_recompile":
                     raise RuntimeError(f"{self.name}: no compiled function accepts this input, and compiling is off")
-                log.warning("%s: no compiled function accepts this input; running it eagerly", self.name)
+                COUNTERS["eager_calls"] += 1
+                if key not in self._eager_signatures:
+                    self._eager_signatures.add(key)
+                    log.warning("%s: no compiled function accepts this input; it runs eagerly (logged once)", self.name)
                 return self.function(owner, *args, **kwargs)
             compiled = self._compile_and_save(key, len(functions), owner, args, kwargs)
             functions.append(compiled)
@@ -117,7 +119,7 @@ class PrecompiledRegion:
             except Exception as exc:  # a damaged or incompatible file costs a compile, never a failure
                 log.warning("precompiled %s unusable, compiling again: %r", path.name, exc)
                 break
-            compiled.disable_guard_check()  # checked in __call__ where needed
+            skip_guard_check(compiled)  # checked in __call__ where needed
             COUNTERS["loaded"] += 1
             functions.append(compiled)
         return functions
@@ -126,8 +128,8 @@ class PrecompiledRegion:
         self, key: Hashable, index: int, owner: torch.nn.Module, args: tuple, kwargs: dict
     ) -> Callable[..., Any]:
         with specialized_floats(self.any_size):
-            compiled = self._compile.aot_compile(((owner, *args), kwargs))
-        compiled.disable_guard_check()
+            compiled = aot_compile(self._compile, owner, args, kwargs)
+        skip_guard_check(compiled)
         COUNTERS["compiled"] += 1
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(key, index)
@@ -147,17 +149,3 @@ def precompiled_regions(
         )
         for kind in dict.fromkeys(type(m) for m in modules)
     }
-
-
-def precompile_modules(modules: list[torch.nn.Module], artifacts: CompileArtifacts, mode: str, any_size: bool) -> None:
-    """Route calls of `modules` through their class's PrecompiledRegion, as nn.Module.compile does."""
-    regions = precompiled_regions(modules, artifacts, mode, any_size)
-    for module in modules:
-        set_compiled_call(module, _bound(regions[type(module)], module))
-
-
-def _bound(region: PrecompiledRegion, owner: torch.nn.Module) -> Callable[..., Any]:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return region(owner, *args, **kwargs)
-
-    return call

@@ -93,6 +93,14 @@ class ResolutionRegistry:
     def parse(cls, texts: Iterable[str]) -> ResolutionRegistry:
         return cls(Resolution.parse(text) for text in texts)
 
+    @classmethod
+    def coerce(cls, value: Any) -> ResolutionRegistry:
+        """From a registry, a list of "WIDTHxHEIGHT" (YAML) or one comma-separated string (an environment variable)."""
+        if isinstance(value, ResolutionRegistry):
+            return value
+        texts = value.split(",") if isinstance(value, str) else value
+        return cls.parse(str(text).strip() for text in texts if str(text).strip())
+
     def __iter__(self) -> Iterator[Resolution]:
         return iter(self._items)
 
@@ -140,6 +148,15 @@ class AspectRatios(Mapping[str, Resolution]):
                 raise ValueError(f"aspect ratio {name!r} is not a string such as '16:9': quote it in YAML")
         return cls({name: Resolution.parse(str(size)) for name, size in value.items()})
 
+    @classmethod
+    def coerce(cls, value: Any) -> AspectRatios:
+        """From a registry, or what `parse` takes."""
+        if isinstance(value, AspectRatios):
+            return value
+        if not isinstance(value, Mapping | str):
+            raise ValueError("must map each aspect ratio to WIDTHxHEIGHT")
+        return cls.parse(value)
+
     def __getitem__(self, name: str) -> Resolution:
         return self._sizes[name]
 
@@ -180,3 +197,31 @@ def _check_entry(name: str, size: Resolution) -> None:
             f"{name}={size} is {size.megapixels:.2f} megapixels; an aspect ratio names a size of about one "
             f"(within {MEGAPIXEL_TOLERANCE:.0%})"
         )
+
+
+# 1536 is the longest side of the aspect-ratio registry; 2 megapixels bounds one image's memory and time.
+DEFAULT_BOUNDS = SizeBounds(min_side=256, max_side=1536, max_megapixels=2.0)
+# The sizes FLUX.1 services commonly offer (those of replicate's cog-flux): about one megapixel each, on the 16-grid.
+DEFAULT_ASPECT_RATIOS = AspectRatios.parse(
+    {
+        "21:9": "1536x640",
+        "16:9": "1344x768",
+        "3:2": "1216x832",
+        "4:3": "1152x896",
+        "5:4": "1088x896",
+        "1:1": "1024x1024",
+        "4:5": "896x1088",
+        "3:4": "896x1152",
+        "2:3": "832x1216",
+        "9:16": "768x1344",
+        "9:21": "640x1536",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ServedSizes:
+    """What sizes a request may ask for: any size within `bounds`, or an `aspect_ratio` by name."""
+
+    bounds: SizeBounds = DEFAULT_BOUNDS
+    aspect_ratios: AspectRatios = DEFAULT_ASPECT_RATIOS
