@@ -1,6 +1,6 @@
 """Warm latency of Model.predict per configuration, against eager in the same run.
 
-    python -m bench.latency --configs eager,default,cudnn --resolutions 1024x1024 --runs 10
+    python -m bench.latency --configs eager,default,fp8 --resolutions 1024x1024 --runs 10
     python -m bench.latency --card L4 --configs eager,uncompiled,default   # as an L4 would; eager uncapped
 
 Builds the model through the project's own loader (FLUX_MODEL_SOURCE, default full-random: the
@@ -24,27 +24,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from bench import config_env, log_to_stderr, psnr_db
+from bench import config_env, psnr_db
 from model.settings import env_for
-
-
-@dataclass(frozen=True)
-class CardProfile:
-    """How a smaller card is stood in for on a larger GPU: the memory it leaves one process, and the most the
-    allocator may reserve there (the rest is headroom for fragmentation, the CUDA context and libraries)."""
-
-    cap_gib: float
-    limit_gib: float
-
-
-CARD_PROFILES = {
-    "L4": CardProfile(cap_gib=22.0, limit_gib=18.0),
-    "A10G": CardProfile(cap_gib=22.0, limit_gib=18.0),
-    "H100_40GB": CardProfile(cap_gib=38.0, limit_gib=36.0),
-}
+from tests.harness import CARD_PROFILES, log_to_stderr
 
 # The arithmetic floor at 1024x1024, 4 steps: about 69.5 TFLOP per transformer step at the H200's bf16 (or fp8)
 # matmul rate, plus VAE and T5.
@@ -230,12 +214,12 @@ def child(
     import numpy as np
     import torch
 
-    from bench import NO_BODY
     from bench.phases import timed_phases
     from model.model import Model
     from model.resolutions import Resolution
     from model.schema import GenerateRequest
     from model.settings import config_metadata
+    from tests.harness import NO_BODY
 
     cuda = torch.cuda.is_available()
     if memory_cap_gib is not None:
@@ -344,8 +328,8 @@ def several_images(model: object, request: object, count: int, runs: int) -> dic
     import numpy as np
     import torch
 
-    from bench import NO_BODY
     from model.coldstart import CompileCounters
+    from tests.harness import NO_BODY
 
     engine = model._engine  # type: ignore[attr-defined]
     several = request.model_copy(update={"num_outputs": count})  # type: ignore[attr-defined]
@@ -383,7 +367,7 @@ def saturation(model: object, request: object, clients: int, seconds: float = 30
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from bench import NO_BODY
+    from tests.harness import NO_BODY
 
     done_at: list[float] = []
     latencies: list[float] = []

@@ -38,6 +38,50 @@ from model.schema import (
 log = logging.getLogger(__name__)
 
 
+class FairLock:
+    """A lock that admits its waiters in the order they arrived. threading.Lock promises no order, and with
+    `predict_concurrency` above 1 a request that came later could take the pipeline first, again and again."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._condition.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *_: object) -> None:
+        with self._condition:
+            self._serving += 1
+            self._condition.notify_all()
+
+
+class GuidanceResets:
+    """Counts requests whose guidance_scale was reset, logging at the 1st, 10th, 100th, ...: a client sending it on
+    every request cannot flood the log."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def record(self, requested: float) -> None:
+        with self._lock:
+            self._count += 1
+            count = self._count
+        if count == 10 ** (len(str(count)) - 1):
+            log.warning(
+                "guidance_scale %s reset to %s: FLUX.1-schnell is guidance-distilled (%d request%s so far; logged at "
+                "the 1st, 10th, 100th, ...)",
+                requested,
+                SCHNELL_GUIDANCE,
+                count,
+                "" if count == 1 else "s",
+            )
+
+
 class InvalidRequest(ValueError):
     """A request that parsed but that this deployment cannot serve; the adapter answers 400."""
 
@@ -86,8 +130,9 @@ class FluxEngine:
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptEmbeddingCache(0)
         # The pipeline's own encoders until load() swaps in faster ones that give the same bytes (model.text_graphs).
         self.text_encoders: TextEncoders | None = None
-        # One pipeline, one CUDA stream: concurrent requests queue here instead of interleaving.
-        self._lock = threading.Lock()
+        # One pipeline, one CUDA stream: concurrent requests queue here, in arrival order, instead of interleaving.
+        self._lock = FairLock()
+        self._guidance_resets = GuidanceResets()
 
     def shapes(self) -> list[tuple[Resolution, int]]:
         """Every (static resolution, text length) compiled and warmed up at load: one static graph each."""
@@ -119,11 +164,7 @@ class FluxEngine:
         if not fitting:
             raise InvalidRequest("max_sequence_length", f"must be at most {self.text_lengths[-1]} on this deployment")
         if request.guidance_scale != SCHNELL_GUIDANCE:
-            log.warning(
-                "guidance_scale %s reset to %s: FLUX.1-schnell is guidance-distilled",
-                request.guidance_scale,
-                SCHNELL_GUIDANCE,
-            )
+            self._guidance_resets.record(request.guidance_scale)
         # A random seed leaves room for every image's: the last, seed + num_outputs - 1, is still a valid seed.
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 2 - request.num_outputs)
         return Job(

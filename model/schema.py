@@ -24,6 +24,8 @@ SCHNELL_GUIDANCE = 0.0
 MAX_SEED = 2**32 - 1
 MAX_OUTPUTS = 4
 OutputFormat = Literal["jpeg", "png", "webp"]
+# "jpg" as cog-flux spells it; a response always names the format "jpeg".
+RequestedFormat = Literal["jpeg", "jpg", "png", "webp"]
 # The JPEG quality of every response before output_quality existed: the default keeps those bytes.
 DEFAULT_OUTPUT_QUALITY = 90
 # Checked before tokenization, so a multi-megabyte prompt never reaches the tokenizer.
@@ -81,7 +83,9 @@ class GenerateRequest(BaseModel):
         le=MAX_SEQUENCE_LENGTH,
         description="T5 tokens kept from the prompt; longer prompts are truncated by tokens.",
     )
-    output_format: OutputFormat = Field(default="jpeg", description="The encoding of every image.")
+    output_format: RequestedFormat = Field(
+        default="jpeg", description='The encoding of every image; "jpg" is "jpeg", and the response says "jpeg".'
+    )
     output_quality: int = Field(
         default=DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="For jpeg and webp; png is lossless and ignores it."
     )
@@ -99,6 +103,11 @@ class GenerateRequest(BaseModel):
         if not value.strip():
             raise ValueError("prompt must not be blank")
         return value
+
+    @field_validator("output_format")
+    @classmethod
+    def _one_name_for_jpeg(cls, value: str) -> str:
+        return "jpeg" if value == "jpg" else value
 
     @field_validator("aspect_ratio")
     @classmethod

@@ -278,8 +278,13 @@ def _explained(exc: pydantic.ValidationError, metadata: Mapping[str, Any], envir
         if error["type"] == "extra_forbidden":
             known = ", ".join(Settings.model_fields)
             problems.append(f"unknown model_metadata key {key!r}; the settings are: {known}")
-        elif not key:
-            problems.append(error["msg"].removeprefix("Value error, "))
+        elif not key:  # a rule across settings: its message starts with the setting at fault
+            message = error["msg"].removeprefix("Value error, ")
+            named = message.split(" ", 1)[0]
+            if named in Settings.model_fields and " is outside" in message:
+                origin = source[0] if (source := _source_of(named, metadata, environ)) else "the default"
+                message = message.replace(" is outside", f" (from {origin}) is outside", 1)
+            problems.append(message)
         elif (source := _source_of(key, metadata, environ)) is None:
             problems.append(f"{key} (not given): {error['msg']}")
         else:

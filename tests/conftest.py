@@ -165,7 +165,7 @@ def b10fs(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The real b10-transfer against a fresh directory under /cache/model, as Baseten mounts b10fs there."""
     if os.geteuid() != 0:
         pytest.skip("b10-transfer's paths live under /cache/model, which needs root to create")
-    from bench.cold_start import b10_transfer_env
+    from tests.harness import b10_transfer_env
 
     root = Path("/cache/model") / f"test-{uuid.uuid4().hex[:12]}"
     root.mkdir(parents=True)

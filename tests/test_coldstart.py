@@ -13,22 +13,21 @@ import pytest
 import torch
 from b10_transfer import OperationStatus
 
-from bench import NO_BODY
 from model import coldstart
 from model import compile as compile_module
 from model import model as model_module
 from model.artifacts import CompileArtifacts
 from model.cache import B10TransferCache, CacheResult, NoCache, Outcome
 from model.coldstart import CompileCounters, WarmupReport
-from model.compat import compiled_call, set_compiled_call
 from model.compile import compile_pipeline
 from model.engine import FluxEngine
+from model.graph_route import routed
 from model.model import Model
 from model.pipeline import load_pipeline
-from model.prompts import encode_prompts
 from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings, config_metadata
 from tests.conftest import TINY_EAGER
+from tests.harness import NO_BODY
 from tests.test_cache import fake_module
 
 # Nothing compiles for real in these tests, so the directory stays empty.
@@ -107,66 +106,28 @@ def test_compile_raising_falls_back_to_eager(
 def test_warm_up_raising_undoes_the_compile(
     monkeypatch: pytest.MonkeyPatch, fresh_engine: FluxEngine, engine: FluxEngine
 ) -> None:
-    eager_decode = fresh_engine.pipe.vae.decode
-
     def broken(*args, **kwargs):
         raise RuntimeError("warm-up failed")
 
     monkeypatch.setattr(coldstart, "warm_up", broken)
+    pipe = fresh_engine.pipe
     report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), ARTIFACTS)
     assert "warm-up failed" in report.eager_fallback_reason
-    assert fresh_engine.pipe.vae.decode == eager_decode
-    assert all(compiled_call(m) is None for m in fresh_engine.pipe.transformer.modules())
+    # Compiling routes the decoder (vae.decode itself is never replaced): the undo must have taken that back.
+    assert not routed(pipe.vae.decoder)
+    assert not any(routed(m) for m in pipe.transformer.modules())
     assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
 
 
 def test_compile_wraps_blocks_and_decode(fresh_engine: FluxEngine) -> None:
     pipe = fresh_engine.pipe
     undo = compile_pipeline(pipe, CompileSettings(), shapes=6, artifacts=ARTIFACTS)
-    compiled = [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
+    compiled = [m for m in pipe.transformer.modules() if routed(m)]
     assert compiled and all(type(m).__name__.endswith("Block") for m in compiled)
-    import torch
-
+    assert routed(pipe.vae.decoder)
     assert torch._dynamo.config.recompile_limit >= 12, "every served shape fits under the recompile limit"
     undo()
-    assert not [m for m in pipe.transformer.modules() if compiled_call(m) is not None]
-
-
-@pytest.mark.parametrize("scale_rblock", [False, True])
-def test_inductor_times_half_rblock_candidates_only_when_asked_and_undo_restores_it(
-    fresh_engine: FluxEngine, scale_rblock: bool
-) -> None:
-    # Those candidates are timed again in every process, so replicas would pick other reduction orders for one seed.
-    import torch._inductor.config as inductor
-
-    before = inductor.dynamic_scale_rblock
-    undo = compile_pipeline(fresh_engine.pipe, CompileSettings(scale_rblock=scale_rblock), 6, ARTIFACTS)
-    try:
-        assert inductor.dynamic_scale_rblock is scale_rblock
-    finally:
-        undo()
-    assert inductor.dynamic_scale_rblock is before
-
-
-def test_compiled_text_encoders_give_the_same_embeddings_and_undo_clears_them(fresh_engine: FluxEngine) -> None:
-    import torch
-
-    pipe = fresh_engine.pipe
-    with torch.inference_mode():
-        eager = [encode_prompts(pipe, "a red bicycle", None, n, n) for n in (256, 512)]
-    settings = CompileSettings(text_encoders=True, precompile=False)
-    undo = compile_pipeline(pipe, settings, shapes=2, artifacts=ARTIFACTS)
-    layers = [m for m in [*pipe.text_encoder.modules(), *pipe.text_encoder_2.modules()] if compiled_call(m)]
-    assert {type(m).__name__ for m in layers} == {"T5Block", "CLIPEncoderLayer"}
-    try:
-        with torch.inference_mode():
-            compiled = [encode_prompts(pipe, "a red bicycle", None, n, n) for n in (256, 512)]
-    finally:
-        undo()
-    for expected, got in zip(eager, compiled, strict=True):
-        for a, b in zip(expected, got, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # fused kernels sum in another order
-    assert not any(compiled_call(m) for m in layers)
+    assert not [m for m in [*pipe.transformer.modules(), pipe.vae.decoder] if routed(m)]
 
 
 def _tiny_model(monkeypatch: pytest.MonkeyPatch) -> Model:
@@ -193,7 +154,7 @@ def _weights_fail_once(monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError("weights volume not mounted yet")
         return load_pipeline(*args, **kwargs)
 
-    monkeypatch.setattr("model.model.load_pipeline", flaky)
+    monkeypatch.setattr("model.coldstart.load_pipeline", flaky)
 
 
 def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,33 +180,21 @@ def test_compile_raising_halfway_leaves_nothing_compiled(
     precompile: bool,
 ) -> None:
     pipe = fresh_engine.pipe
-    eager_decode = pipe.vae.decode
-    wrapped_before_the_failure: list[str] = []
+    routed_before_the_failure: list[torch.nn.Module] = []
+    real_route = compile_module.route
 
-    def fail_after_wrapping(*args, **kwargs) -> None:
-        wrapped_before_the_failure.extend(
-            name for name, m in pipe.transformer.named_modules() if compiled_call(m) is not None
-        )
-        raise RuntimeError("compiler failed halfway")
+    def route_half_then_fail(module: torch.nn.Module, *args, **kwargs) -> None:
+        if len(routed_before_the_failure) == 1:
+            raise RuntimeError("compiler failed halfway")
+        real_route(module, *args, **kwargs)
+        routed_before_the_failure.append(module)
 
-    if precompile:
-        # Wrap the first half of the regions, as a failure in the middle of precompile_modules would leave them.
-        def precompile_half(modules: list[torch.nn.Module], *args, **kwargs) -> None:
-            for module in modules[: len(modules) // 2]:
-                set_compiled_call(module, lambda *a, **k: pytest.fail("a compiled region ran after the undo"))
-            fail_after_wrapping()
-
-        monkeypatch.setattr(compile_module.precompile, "precompile_modules", precompile_half)
-    else:
-        # Every block and vae.decode are wrapped (lazily: nothing compiles) by the time the layout is shared.
-        monkeypatch.setattr(compile_module, "_share_single_block_layout", fail_after_wrapping)
-
+    monkeypatch.setattr(compile_module, "route", route_half_then_fail)
     report = coldstart.prepare(fresh_engine, CompileSettings(precompile=precompile), NoCache(), ARTIFACTS)
-    assert wrapped_before_the_failure, "the fault came after some modules were wrapped"
+    assert routed_before_the_failure, "the fault came after some modules were routed"
     assert "compiler failed halfway" in report.eager_fallback_reason and not report.compiled
     assert "COMPILE FAILED, serving EAGER" in caplog.text
-    assert [m for m in [*pipe.transformer.modules(), pipe.vae.decoder] if compiled_call(m) is not None] == []
-    assert pipe.vae.decode == eager_decode
+    assert [m for m in [*pipe.transformer.modules(), pipe.vae.decoder] if routed(m)] == []
     assert fresh_engine.generate(REQUEST).data == engine.generate(REQUEST).data
 
 

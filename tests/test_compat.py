@@ -46,17 +46,6 @@ def test_recompile_limits_only_rise() -> None:
         assert (config.recompile_limit, config.accumulated_recompile_limit) == (100, 400)
 
 
-def test_the_compiled_call_slot_is_the_one_nn_module_compile_fills() -> None:
-    layer = torch.nn.Linear(2, 2)
-    assert compat.compiled_call(layer) is None
-    layer.compile(backend="eager")
-    assert compat.compiled_call(layer) is not None
-    compat.set_compiled_call(layer, lambda *args, **kwargs: "routed")
-    assert layer(torch.ones(2)) == "routed"
-    compat.set_compiled_call(layer, None)
-    assert isinstance(layer(torch.ones(2)), torch.Tensor), "None restores eager"
-
-
 def test_repeated_blocks_and_latent_unpacking_of_the_pipeline(engine: FluxEngine) -> None:
     pipe = engine.pipe
     assert compat.repeated_block_names(pipe.transformer) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}

@@ -16,8 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from bench import config_env
-from bench.cold_start import run_state
+from tests.harness import COMPILE_OVERRIDES, run_state
 
 pytestmark = pytest.mark.slow
 
@@ -26,14 +25,13 @@ pytestmark = pytest.mark.slow
 ENV = {
     "FLUX_MODEL_SOURCE": "tiny",
     "FLUX_TEXT_LENGTHS": "256",
-    "FLUX_WARMUP_RUNS": "2",
     "FLUX_COMPILE_ANY_SIZE": "0",
 }
 # The default's two served sizes prove that no size recompiles; Dynamo's own compile (no precompiled functions,
 # as fp8 and int8 serve) runs on one, without the VAE decoder: its CPU compile is the slowest (41 s a size), and
 # the default's covers it.
 SIZES = {"default": ["256x256", "512x256"], "no_precompile": ["256x256"]}
-WITHOUT_VAE = {"no_precompile": {"FLUX_COMPILE_VAE": "0"}}
+WITHOUT_VAE = {"no_precompile": {COMPILE_OVERRIDES: json.dumps({"precompile": False, "vae": False})}}
 
 
 class MissThenHit(NamedTuple):
@@ -49,7 +47,6 @@ def miss_then_hit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     sizes = SIZES[request.param]
     env = {
         **ENV,
-        **config_env(request.param),
         **WITHOUT_VAE.get(request.param, {}),
         "FLUX_RESOLUTIONS": ",".join(sizes),
     }
@@ -58,7 +55,7 @@ def miss_then_hit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 
 def compiled_regions(state: dict) -> int:
-    """Graphs Inductor compiled, or functions compiled ahead of time with compile_precompile."""
+    """Graphs Inductor compiled, or functions compiled ahead of time (bf16)."""
     return state["new_graphs"] + state["precompiled"]
 
 

@@ -113,17 +113,3 @@ def test_only_sizes_without_a_static_graph_take_the_dynamic_route(
     engine.run(job(Resolution(512, 512), engine.text_lengths[0]))
     assert routes == [False, True]
     assert not on_dynamic_graph(), "the route ends with the request"
-
-
-def test_bench_divergence_records_through_the_compiled_regions(served: tuple[Model, np.ndarray]) -> None:
-    from bench.divergence import recorded_outputs
-    from model.compat import compiled_call
-
-    pipe = served[0]._engine.pipe
-    block = pipe.transformer.transformer_blocks[0]
-    routed = compiled_call(block)
-    with recorded_outputs(pipe) as entries:
-        served[0]._engine.run(job(STATIC, 256))
-    names = [name for name, _ in entries]
-    assert "transformer.transformer_blocks.0" in names and names[-1] == "vae.decoder"
-    assert compiled_call(block) is routed, "the compiled function is back in place"

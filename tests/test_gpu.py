@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cold_start import run_state
-from bench.latency import CARD_PROFILES
 from model.coldstart import DYNAMIC_AREA_LADDER
 from model.settings import Settings
+from tests.harness import CARD_PROFILES, run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from fastapi import HTTPException
 
-from bench import NO_BODY
 from model.engine import FluxEngine, Job
 from model.health import MAX_CONSECUTIVE_FAILURES, ReplicaHealth, sticky_device_error
 from model.model import Model
 from model.schema import GenerateRequest
 from model.settings import config_metadata
 from tests.conftest import TINY_EAGER
+from tests.harness import NO_BODY
 
 ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
 SERVED = {"prompt": "a lighthouse", "width": 1024, "height": 1024, "seed": 1}

@@ -9,12 +9,12 @@ import pytest
 from diffusers import FluxPipeline
 from fastapi import HTTPException
 
-from bench import NO_BODY
 from model.model import Model
 from model.random_flux import build_random_pipeline
 from model.schema import GenerateRequest
 from model.settings import config_metadata
 from tests.conftest import TINY_EAGER, LogRecorder
+from tests.harness import NO_BODY
 
 FAKE_TOKEN = "hf_FAKE_token_that_must_never_be_logged_1234"
 

@@ -7,12 +7,12 @@ import logging
 import numpy as np
 import pytest
 
-from bench import NO_BODY
 from model.model import Model
 from model.precision import CARDS, GpuFacts, choose_precision, choose_text_encoder_precision
 from model.schema import GenerateRequest
 from model.settings import Settings, SettingsError, config_metadata
 from tests.conftest import TINY_EAGER, decode_jpeg
+from tests.harness import NO_BODY
 
 # What `auto` must pick on each card, from the facts the card reports (model.precision.CARDS).
 EXPECTED = {"L4": "fp8", "A10G": "int8", "H100_40GB": "bf16", "H100": "bf16", "H200": "bf16", "B200": "bf16"}
@@ -58,15 +58,15 @@ def test_an_unknown_precision_lists_the_valid_ones() -> None:
         assert valid in str(raised.value)
 
 
-def test_resolving_auto_changes_the_cache_key_and_settles_precompile(caplog: pytest.LogCaptureFixture) -> None:
+def test_resolving_auto_changes_the_cache_key_and_precompiles_bf16_only(caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings.from_sources(environ={})
     on_h100 = settings.resolved(CARDS["H100"])
     with caplog.at_level(logging.INFO):
         on_l4 = settings.resolved(CARDS["L4"])
-    assert (on_h100.optimizations.precision, on_l4.optimizations.precision) == ("bf16", "fp8")
-    assert on_h100.compile.precompile and not on_l4.compile.precompile, "precompile was measured for bf16 only"
+    assert (on_h100.precision, on_l4.precision) == ("bf16", "fp8")
+    assert on_h100.compile_settings.precompile and not on_l4.compile_settings.precompile, "measured for bf16 only"
     assert on_h100.fingerprint_facts() != on_l4.fingerprint_facts()
-    assert "precision fp8:" in caplog.text and "compile_precompile turned off" in caplog.text
+    assert "precision fp8:" in caplog.text
 
 
 @pytest.mark.parametrize(("transformer", "expected"), [("bf16", "bf16"), ("fp8", "int4"), ("int8", "int4")])
@@ -79,14 +79,14 @@ def test_auto_keeps_t5_in_bf16_where_the_card_holds_it_beside_an_explicit_fp8(ca
     chosen, reason = choose_text_encoder_precision("auto", "fp8", CARDS[card])
     assert chosen == "bf16", reason
     resolved = Settings.from_sources(environ={"FLUX_PRECISION": "fp8"}).resolved(CARDS[card])
-    assert (resolved.optimizations.precision, resolved.optimizations.text_encoder_precision) == ("fp8", "bf16")
+    assert (resolved.precision, resolved.text_encoder_precision) == ("fp8", "bf16")
 
 
 def test_every_card_that_auto_quantizes_also_quantizes_t5() -> None:
     for card in CARDS.values():
         resolved = Settings.from_sources(environ={}).resolved(card)
-        quantized = resolved.optimizations.precision != "bf16"
-        assert (resolved.optimizations.text_encoder_precision != "bf16") == quantized, card.name
+        quantized = resolved.precision != "bf16"
+        assert (resolved.text_encoder_precision != "bf16") == quantized, card.name
 
 
 def test_auto_quantizes_t5_to_int8_without_a_gpu() -> None:
@@ -103,7 +103,7 @@ def test_the_text_encoders_precision_is_part_of_the_cache_key(caplog: pytest.Log
     with caplog.at_level(logging.INFO):
         quantized = Settings.from_sources(environ={}).resolved(CARDS["L4"])
     plain = Settings.from_sources(environ={"FLUX_TEXT_ENCODER_PRECISION": "bf16"}).resolved(CARDS["L4"])
-    assert quantized.optimizations.text_encoder_precision == "int4"
+    assert quantized.text_encoder_precision == "int4"
     assert "text_encoder_precision int4: the transformer is fp8" in caplog.text
     assert quantized.fingerprint_facts() != plain.fingerprint_facts()
     with pytest.raises(ValueError, match="decided precision"):

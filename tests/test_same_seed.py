@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cold_start import run_state, same_bytes
+from tests.harness import run_state, same_bytes
 
 pytestmark = [
     pytest.mark.gpu,

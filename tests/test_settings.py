@@ -1,29 +1,27 @@
-"""Settings: each declared once, parsed with errors that name the setting, conflicts settled in one logged step."""
+"""Settings: each declared once, read from model_metadata and FLUX_* variables, errors naming setting, value and
+source."""
 
 from __future__ import annotations
 
 import logging
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic_core import PydanticUndefined
 
-from bench import CONFIGS, config_env
 from model.cache import BACKENDS
 from model.resolutions import Resolution
 from model.settings import (
     CONFIG_PATH,
+    ENV_PREFIX,
     PLATFORM_METADATA_KEYS,
-    CompileSettings,
     Settings,
     SettingsError,
     config_metadata,
-    declarations,
     env_for,
-    settings_table,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,58 +34,46 @@ def test_importing_the_settings_imports_no_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+# What a deployer touches, and nothing more: the issue that cut the switches set the bound.
+MAX_SETTINGS = 16
+
+
+def test_a_deployer_touches_at_most_sixteen_settings() -> None:
+    assert len(Settings.model_fields) <= MAX_SETTINGS
+
+
 def test_the_cache_key_facts_of_config_yaml_are_pinned() -> None:
     # A change here changes every deployment's cache key: each replica would start with a miss.
     assert Settings.from_sources(environ={}).resolved(None).fingerprint_facts() == {
         "model": "black-forest-labs/FLUX.1-schnell",
-        "compile": {
-            "enabled": True,
-            "mode": "default",
-            "regional": True,
-            "compile_vae": True,
-            "text_encoders": False,
-            "dynamic": False,
-            "any_size": True,
-            "shared_block_layout": True,
-            "precompile": True,
-            "deterministic": False,
-            "scale_rblock": False,
-        },
-        # `precision` replaced the `fp8` switch (False here); `text_encoder_precision` and the two memory switches
-        # joined later, then `vae_compiled_nchw` and `compile_deterministic`, then `fp8_scaling`, then
-        # `compile_scale_rblock`: each change changed the key once.
-        # Both `auto`s are decided first.
-        "optimizations": {
-            "fuse_qkv": False,
-            "vae_channels_last": False,
-            "expandable_segments": True,
-            "vae_inplace_silu": True,
-            "vae_compiled_nchw": False,
-            "attention_backend": None,
-            "precision": "bf16",
-            "fp8_scaling": "row",
-            "text_encoder_precision": "bf16",
-        },
+        "compile_any_size": True,
+        "precision": "bf16",  # `auto` is decided first
+        "text_encoder_precision": "bf16",
         "resolutions": ["1024x1024", "1216x832", "896x1152"],
         "text_lengths": [256, 512],
     }
 
 
 def test_the_environment_wins_over_model_metadata_which_wins_over_the_default() -> None:
-    meta = {"resolutions": ["1024x1024"], "text_lengths": [512, 256, 256], "compile_mode": "max-autotune"}
-    assert Settings.from_sources(meta, environ={}).compile.mode == "max-autotune"
-    settings = Settings.from_sources(meta, environ={"FLUX_COMPILE_MODE": "reduce-overhead"})
-    assert settings.compile.mode == "reduce-overhead"
-    assert settings.compile.regional is CompileSettings().regional  # neither source gave it
+    meta = {"resolutions": ["1024x1024"], "text_lengths": [512, 256, 256], "prompt_cache_mb": 64}
+    assert Settings.from_sources(meta, environ={}).prompt_cache_mb == 64
+    settings = Settings.from_sources(meta, environ={"FLUX_PROMPT_CACHE_MB": "32"})
+    assert settings.prompt_cache_mb == 32
+    assert settings.compile_any_size is True  # neither source gave it
     assert settings.text_lengths == (256, 512)
+
+
+def test_the_process_environment_is_read_when_none_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUX_PROMPT_CACHE_MB", "8")
+    assert Settings.from_sources().prompt_cache_mb == 8
 
 
 @pytest.mark.parametrize(
     ("environ", "named"),
     [
         ({"FLUX_COMPILE": "maybe"}, "compile='maybe' (from FLUX_COMPILE)"),
-        ({"FLUX_WARMUP_RUNS": "two"}, "warmup_runs='two' (from FLUX_WARMUP_RUNS)"),
-        ({"FLUX_COMPILE_MODE": "fastest"}, "compile_mode='fastest' (from FLUX_COMPILE_MODE)"),
+        ({"FLUX_PROMPT_CACHE_MB": "-1"}, "prompt_cache_mb='-1' (from FLUX_PROMPT_CACHE_MB)"),
+        ({"FLUX_PRECISION": "fp4"}, "precision='fp4' (from FLUX_PRECISION)"),
         ({"FLUX_CACHE_BACKEND": "s3"}, "cache_backend='s3' (from FLUX_CACHE_BACKEND)"),
         ({"FLUX_RESOLUTIONS": "1024"}, "resolutions='1024' (from FLUX_RESOLUTIONS)"),
     ],
@@ -99,8 +85,8 @@ def test_a_bad_value_is_refused_naming_the_setting_its_value_and_its_source(envi
 
 
 def test_a_bad_metadata_value_names_model_metadata() -> None:
-    with pytest.raises(SettingsError, match=r"compile_vae='sometimes' \(from model_metadata\)"):
-        Settings.from_sources({**config_metadata(), "compile_vae": "sometimes"}, environ={})
+    with pytest.raises(SettingsError, match=r"compile_any_size='sometimes' \(from model_metadata\)"):
+        Settings.from_sources({**config_metadata(), "compile_any_size": "sometimes"}, environ={})
 
 
 def test_a_missing_required_setting_is_named() -> None:
@@ -108,14 +94,15 @@ def test_a_missing_required_setting_is_named() -> None:
         Settings.from_sources({"text_lengths": [256]}, environ={})
 
 
-def test_an_unknown_model_metadata_key_is_refused_by_name() -> None:
-    with pytest.raises(SettingsError, match="unknown model_metadata key 'compile_precompil'"):
-        Settings.from_sources({**config_metadata(), "compile_precompil": False}, environ={})
+def test_an_unknown_or_removed_model_metadata_key_is_refused_by_name() -> None:
+    for key in ("compile_precompil", "fuse_qkv"):
+        with pytest.raises(SettingsError, match=f"unknown model_metadata key '{key}'"):
+            Settings.from_sources({**config_metadata(), key: False}, environ={})
 
 
 def test_config_yaml_holds_only_settings_and_keys_truss_reads() -> None:
     meta = yaml.safe_load(CONFIG_PATH.read_text())["model_metadata"]
-    assert set(meta) - PLATFORM_METADATA_KEYS <= set(declarations())
+    assert set(meta) - PLATFORM_METADATA_KEYS <= set(Settings.model_fields)
     assert "example_model_input" in meta
 
 
@@ -125,96 +112,58 @@ def test_an_unknown_flux_variable_warns(caplog: pytest.LogCaptureFixture) -> Non
     assert "FLUX_COMPIL is not a setting" in caplog.text
 
 
-@pytest.mark.parametrize(
-    ("environ", "winner"),
-    [
-        ({"FLUX_PRECISION": "fp8"}, "precision is fp8"),
-        ({"FLUX_PRECISION": "int8", "FLUX_COMPILE": "0"}, "precision is int8"),
-        ({"FLUX_COMPILE_REGIONAL": "0"}, "compile_regional is False"),
-    ],
-)
-def test_a_conflict_turns_precompile_off_with_a_warning_naming_both(
-    environ: dict, winner: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level(logging.WARNING, logger="model.settings"):
-        settings = Settings.from_sources(environ=environ)
-    assert not settings.compile.precompile
-    [record] = [r for r in caplog.records if r.name == "model.settings"]
-    assert record.levelno == logging.WARNING
-    assert record.getMessage().startswith(f"compile_precompile turned off because {winner}")
-
-
 def test_int8_serves_eager_with_a_warning_naming_both(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="model.settings"):
-        settings = Settings.from_sources(environ={"FLUX_PRECISION": "int8", "FLUX_COMPILE_PRECOMPILE": "0"})
-    assert not settings.compile.enabled
+        settings = Settings.from_sources(environ={"FLUX_PRECISION": "int8"}).resolved(None)
+    assert not settings.compile_settings.enabled
     assert "compile turned off because precision is int8" in caplog.text
-
-
-def test_the_rest_of_a_conflicting_configuration_is_kept() -> None:
-    settings = Settings.from_sources(environ={"FLUX_PRECISION": "fp8", "FLUX_COMPILE_REGIONAL": "0"})
-    assert settings.optimizations.precision == "fp8"
-    assert not settings.compile.regional and not settings.compile.precompile
 
 
 def test_no_conflict_no_warning(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="model.settings"):
-        Settings.from_sources(environ={})
-        Settings.from_sources(environ={"FLUX_PRECISION": "fp8", "FLUX_COMPILE_PRECOMPILE": "0"})
-        Settings.from_sources(environ=config_env("whole"))
-    assert not [r for r in caplog.records if r.name == "model.settings"]
+        Settings.from_sources(environ={}).resolved(None)
+        Settings.from_sources(environ={"FLUX_PRECISION": "fp8"})
+    assert not [r for r in caplog.records if r.name == "model.settings" and r.levelno >= logging.WARNING]
 
 
-def test_each_setting_is_declared_once_with_a_one_line_meaning() -> None:
-    declared = declarations()
-    for key, declaration in declared.items():
-        assert declaration.env == "FLUX_" + key.upper()
-        assert declaration.meaning and "\n" not in declaration.meaning
-    # Every field of every group is a declared setting: nothing is read from anywhere else.
-    settings = Settings.from_sources(environ={})
-    group_fields = {
-        (group, f.name)
-        for group in ("sizes", "compile", "optimizations", "cache")
-        for f in fields(getattr(settings, group))
-    }
-    assert group_fields == {d.path for d in declared.values() if len(d.path) == 2}
+def settings_table() -> str:
+    """The README's settings table: one row per setting, from its declaration."""
+    rows = ["| key | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, info in Settings.model_fields.items():
+        default = info.default
+        if default is PydanticUndefined:
+            shown = "required"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        elif default is None:
+            shown = "none"
+        elif isinstance(default, Path) and default.is_relative_to(Path.home()):
+            shown = f"`~/{default.relative_to(Path.home()).as_posix()}`"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `{key}` | `{ENV_PREFIX}{key.upper()}` | {shown} | {info.description} |")
+    return "\n".join(rows)
+
+
+def test_each_setting_has_a_one_line_meaning() -> None:
+    for key, info in Settings.model_fields.items():
+        assert info.description and "\n" not in info.description, key
 
 
 def test_the_readme_settings_table_is_the_declarations() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert settings_table() in readme, "regenerate README's table with model.settings.settings_table()"
-    for declaration in declarations().values():
-        assert f"| `{declaration.key}` | `{declaration.env}` |" in readme
+    assert settings_table() in readme, "regenerate README's table with tests.test_settings.settings_table()"
 
 
 def test_cache_backends_are_the_declared_choices() -> None:
     assert "auto" in BACKENDS and "local" in BACKENDS and "none" in BACKENDS
-    assert Settings.from_sources(environ={"FLUX_CACHE_BACKEND": "none"}).cache.backend == "none"
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_every_bench_configuration_is_a_valid_set_of_settings(name: str) -> None:
-    env = config_env(name)
-    assert all(variable.startswith("FLUX_") for variable in env)
-    Settings.from_sources(environ=env)
-
-
-def test_bench_configurations_keep_their_environment() -> None:
-    assert config_env("eager") == {"FLUX_COMPILE": "0"}
-    assert config_env("sdpa") == {"FLUX_ATTENTION_BACKEND": ""}
-    assert config_env("whole+fp8") == {
-        "FLUX_COMPILE_REGIONAL": "0",
-        "FLUX_COMPILE_PRECOMPILE": "0",
-        "FLUX_PRECISION": "fp8",
-    }
-    assert Settings.from_sources(environ=config_env("sdpa")).optimizations.attention_backend is None
+    assert Settings.from_sources(environ={"FLUX_CACHE_BACKEND": "none"}).cache_backend == "none"
 
 
 def test_overrides_by_an_unknown_name_or_a_bad_value_are_refused() -> None:
-    with pytest.raises(SettingsError, match="unknown setting 'compile_regionl'"):
-        env_for(compile_regionl=False)
-    with pytest.raises(SettingsError, match="compile_mode"):
-        env_for(compile_mode="fastest")
+    assert env_for(compile=False, text_lengths=[256]) == {"FLUX_COMPILE": "0", "FLUX_TEXT_LENGTHS": "256"}
+    with pytest.raises(SettingsError, match="compile_any_size"):
+        env_for(compile_any_size="sometimes")
 
 
 @pytest.mark.parametrize(
@@ -254,10 +203,10 @@ def test_unquoted_aspect_ratios_in_yaml_are_refused_with_the_fix() -> None:
 
 def test_aspect_ratios_are_ordered_widest_first_whatever_their_source_order() -> None:
     environ = {"FLUX_ASPECT_RATIOS": "2:3=832x1216,1:1=1024x1024,3:2=1216x832"}
-    ratios = Settings.from_sources(environ=environ).sizes.aspect_ratios
+    ratios = Settings.from_sources(environ=environ).aspect_ratios
     assert list(ratios.items()) == [
         ("3:2", Resolution(1216, 832)),
         ("1:1", Resolution(1024, 1024)),
         ("2:3", Resolution(832, 1216)),
     ]
-    assert list(Settings.from_sources(environ={}).sizes.aspect_ratios)[:3] == ["21:9", "16:9", "3:2"]
+    assert list(Settings.from_sources(environ={}).aspect_ratios)[:3] == ["21:9", "16:9", "3:2"]
