@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from model.settings import env_for
+from model.settings import ENV_PREFIX, Settings
 
 # Each named configuration overrides some of config.yaml's settings, by their declared keys; "a+b" combines them.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -27,6 +27,21 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # bench.latency turns the prompt cache off, as its requests repeat one prompt; this turns it back on.
     "prompt_cache": {"prompt_cache_mb": 256},
 }
+
+
+def env_for(**overrides: Any) -> dict[str, str]:
+    """FLUX_* environment variables for the given settings by key, checked as the server will read them."""
+    env = {ENV_PREFIX + key.upper(): _env_value(value) for key, value in overrides.items()}
+    Settings.from_sources(environ=env)  # a bad key or value fails here, not in a child process
+    return env
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
 
 
 def config_env(name: str) -> dict[str, str]:

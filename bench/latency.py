@@ -26,8 +26,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import config_env, psnr_db
-from model.settings import env_for
+from bench import config_env, env_for, psnr_db
 from tests.harness import CARD_PROFILES, log_to_stderr
 
 # The arithmetic floor at 1024x1024, 4 steps: about 69.5 TFLOP per transformer step at the H200's bf16 (or fp8)

@@ -91,6 +91,14 @@ def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple
     return "int8", reason
 
 
+def compiles_at(precision: Precision) -> tuple[bool, str]:
+    """Whether load() compiles the model at `precision`, and why not."""
+    if precision == "int8":
+        # Measured on an H200 (BENCHMARKS.md): 158 s and 136 s for the first two shapes against about 20 s in bf16.
+        return False, "Inductor compiles int8's weight-only matmuls for over two minutes per served shape"
+    return True, ""
+
+
 def choose_text_encoder_precision(
     requested: TextEncoderPrecisionSetting, transformer: Precision, gpu: GpuFacts | None
 ) -> tuple[TextEncoderPrecision, str]:

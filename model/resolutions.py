@@ -74,6 +74,13 @@ class SizeBounds:
             return "width/height", f"{width}x{height} is {width * height / 1e6:.2f} megapixels: {self}"
         return None
 
+    def first_outside(self, labelled: Mapping[str, Resolution]) -> str | None:
+        """The first of the labelled sizes these bounds refuse, as "LABEL is outside the size bounds: ...", or None."""
+        for label, size in labelled.items():
+            if problem := self.problem(size.width, size.height):
+                return f"{label} is outside the size bounds: {problem[0]} {problem[1]}"
+        return None
+
     def __str__(self) -> str:
         return (
             f"width and height must be multiples of {SIDE_MULTIPLE} from {self.min_side} to {self.max_side}, "

@@ -1,8 +1,7 @@
 """Every setting a deployer touches, declared once: its type, default and meaning.
 
-config.yaml's `model_metadata` sets them and `FLUX_<KEY>` environment variables override it; the declared default
-fills in the rest. pydantic-settings reads both (`Settings.from_sources`), and this is the one module that does, so
-every other module takes the typed values and never looks at os.environ. Plain data: no torch import.
+config.yaml's `model_metadata` sets them and `FLUX_<KEY>` variables override it, both read by pydantic-settings
+here and nowhere else: every other module takes the typed values. Plain data: no torch import.
 """
 
 from __future__ import annotations
@@ -20,25 +19,8 @@ import yaml
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from model.precision import (
-    GpuFacts,
-    PrecisionSetting,
-    TextEncoderPrecisionSetting,
-    choose_precision,
-    choose_text_encoder_precision,
-)
-from model.resolutions import (
-    ABSOLUTE_MAX_SIDE,
-    DEFAULT_ASPECT_RATIOS,
-    DEFAULT_BOUNDS,
-    MEGAPIXEL_TOLERANCE,
-    RATIO_TOLERANCE,
-    SIDE_MULTIPLE,
-    AspectRatios,
-    ResolutionRegistry,
-    ServedSizes,
-    SizeBounds,
-)
+from model import precision as rules
+from model import resolutions as sizes
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +31,6 @@ DEFAULT_LOCAL_CACHE_DIR = Path.home() / ".cache" / "flux-schnell-truss" / "compi
 # model_metadata keys that Truss and Baseten read for themselves: allowed beside the settings, never parsed here.
 PLATFORM_METADATA_KEYS = frozenset({"example_model_input", "tags", "avatar_url", "cover_image_url"})
 
-# "auto": b10-transfer on Baseten's cache volume, the local directory elsewhere (model.cache).
 CacheBackend = Literal["auto", "b10-transfer", "local", "none"]
 
 
@@ -61,12 +42,15 @@ def _comma_separated(value: Any) -> Any:
 
 
 # NoDecode: pydantic-settings would read a list-like variable as JSON; ours are "a,b" (and NAME=WxH for ratios).
-Resolutions = Annotated[ResolutionRegistry, NoDecode, BeforeValidator(ResolutionRegistry.coerce)]
-AspectRatioRegistry = Annotated[AspectRatios, NoDecode, BeforeValidator(AspectRatios.coerce)]
+Resolutions = Annotated[sizes.ResolutionRegistry, NoDecode, BeforeValidator(sizes.ResolutionRegistry.coerce)]
+AspectRatioRegistry = Annotated[sizes.AspectRatios, NoDecode, BeforeValidator(sizes.AspectRatios.coerce)]
 TextLengths = Annotated[
     tuple[int, ...], NoDecode, BeforeValidator(_comma_separated), AfterValidator(lambda v: tuple(sorted(set(v))))
 ]
-Side = Annotated[int, Field(ge=SIDE_MULTIPLE, le=ABSOLUTE_MAX_SIDE)]
+Side = Annotated[int, Field(ge=sizes.SIDE_MULTIPLE, le=sizes.ABSOLUTE_MAX_SIDE)]
+Megapixels = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+BOUNDS = sizes.DEFAULT_BOUNDS
+Source = PydanticBaseSettingsSource
 OptionalPath = Annotated[Path | None, BeforeValidator(lambda v: None if v == "" else v)]
 
 
@@ -75,20 +59,16 @@ class CompileSettings:
     """What load() compiles (model.compile, model.coldstart): decided from the settings, never set on its own."""
 
     enabled: bool = True
-    # Sizes without a static graph share one dynamic-shape graph, compiled and warmed up at load; off, they run eager.
-    any_size: bool = True
-    # Compiled regions saved as files, so that a hit skips Dynamo (model.precompile); bf16 only (see `resolved`).
-    precompile: bool = True
-    # The VAE's decoder is always compiled when serving; tests that check only the transformer's graphs leave it out,
-    # as its compile is the slowest on a CPU.
-    vae: bool = True
+    any_size: bool = True  # one dynamic-shape graph for the sizes without a static one; else they run eager
+    precompile: bool = True  # regions saved as files, so a hit skips Dynamo (model.precompile); bf16 only
+    vae: bool = True  # always when serving; tests of the blocks' graphs leave out its slow CPU compile
 
 
 class SettingsError(ValueError):
     """A setting that cannot be used as given: the message names the setting, the value and its source."""
 
 
-class _ModelMetadata(PydanticBaseSettingsSource):
+class _ModelMetadata(Source):
     """config.yaml's `model_metadata` as a settings source, below the environment."""
 
     def __init__(self, settings_cls: type[BaseSettings], metadata: Mapping[str, Any]) -> None:
@@ -99,8 +79,7 @@ class _ModelMetadata(PydanticBaseSettingsSource):
         return self.metadata.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        # Every key, known or not: extra="forbid" refuses a misspelt one by name.
-        return dict(self.metadata)
+        return dict(self.metadata)  # unknown keys too: extra="forbid" refuses a misspelt one by name
 
 
 # The sources of the Settings being built: from_sources hands them to settings_customise_sources.
@@ -116,67 +95,45 @@ class Settings(BaseSettings):
     # "tiny" and "full-random" build an offline architecture with random weights (model.random_flux).
     model_source: str = Field(
         "hf",
-        description="`hf`: the weights mount, else `repo_id` from the hub; `tiny` or `full-random`: an offline "
-        "architecture; else a local diffusers directory",
+        description="`hf`: the weights mount, else `repo_id`; `tiny` or `full-random`: offline random weights; "
+        "else a diffusers directory",
     )
     weights_path: OptionalPath = Field(None, description="where config.yaml's `weights:` mounts the repo")
     resolutions: Resolutions = Field(
-        description="the `WIDTHxHEIGHT`s compiled as static graphs and warmed up at load; any other size within "
-        "`min_side`, `max_side` and `max_megapixels` is served by one graph not specialised to it"
+        description="the `WIDTHxHEIGHT`s with static graphs of their own; other sizes in the bounds share one"
     )
     text_lengths: TextLengths = Field(
-        description="T5 sequence lengths compiled for each size; a request's length rounds up to one"
+        description="T5 lengths compiled for each size; a request's length rounds up to one"
     )
-    min_side: Side = Field(DEFAULT_BOUNDS.min_side, description="the smallest width or height a request may ask for")
-    max_side: Side = Field(DEFAULT_BOUNDS.max_side, description="the largest width or height a request may ask for")
-    max_megapixels: float = Field(
-        DEFAULT_BOUNDS.max_megapixels,
-        gt=0,
-        allow_inf_nan=False,
-        description="the largest width x height a request may ask for, in megapixels",
-    )
+    min_side: Side = Field(BOUNDS.min_side, description="the smallest width or height a request may ask for")
+    max_side: Side = Field(BOUNDS.max_side, description="the largest width or height a request may ask for")
+    max_megapixels: Megapixels = Field(BOUNDS.max_megapixels, description="the largest width x height, in megapixels")
     aspect_ratios: AspectRatioRegistry = Field(
-        DEFAULT_ASPECT_RATIOS,
-        description="each `aspect_ratio` a request may name, with its `WIDTHxHEIGHT`: about one megapixel (within "
-        f"{MEGAPIXEL_TOLERANCE:.0%}), its sides in the named ratio (within {RATIO_TOLERANCE:.0%})",
+        sizes.DEFAULT_ASPECT_RATIOS,
+        description=f"each `aspect_ratio` and its size: within {sizes.MEGAPIXEL_TOLERANCE:.0%} of a megapixel and "
+        f"{sizes.RATIO_TOLERANCE:.0%} of the ratio",
     )
     compile: bool = Field(True, description="`false` serves eager: a short start, slower requests")
-    compile_any_size: bool = Field(
-        True,
-        description="compile and warm up one dynamic-shape graph for every size without a static graph; off, those "
-        "sizes run eager and load() is shorter",
+    compile_any_size: bool = Field(True, description="compile one dynamic-shape graph for the other sizes; off, eager")
+    precision: rules.PrecisionSetting = Field(
+        "auto", description="the transformer's: `auto` (by the GPU), `bf16`, `fp8`, `int8`"
     )
-    precision: PrecisionSetting = Field(
-        "auto",
-        description="the transformer's precision; `auto` picks by the GPU load() finds (README's GPU table)",
-    )
-    text_encoder_precision: TextEncoderPrecisionSetting = Field(
-        "auto",
-        description="the T5 encoder's weights: `int8` halves their 9.5 GB, `int4` (CUDA only) quarters them; `auto` "
-        "picks int4 beside an fp8 or int8 transformer on a card too small for bf16, else bf16",
+    text_encoder_precision: rules.TextEncoderPrecisionSetting = Field(
+        "auto", description="T5's weights: `auto`, `bf16`, `int8`, `int4`; `auto` picks int4 where bf16 does not fit"
     )
     # A prompt's embeddings take 2 MB (256 tokens) or 4 MB (512) on the GPU: 256 MB keeps the last 64 or more.
     prompt_cache_mb: pydantic.NonNegativeInt = Field(
-        256,
-        description="GPU memory for the embeddings of recent prompts: a repeated prompt skips both text encoders; "
-        "0 turns the cache off",
+        256, description="GPU memory for recent prompts' embeddings; 0 is off"
     )
     cache_backend: CacheBackend = Field(
-        "auto",
-        description="where the compile cache lives between starts: `auto` picks b10-transfer where Baseten's cache "
-        "volume is enabled, the local directory elsewhere",
+        "auto", description="the compile cache: `auto` (b10-transfer on Baseten), `b10-transfer`, `local`, `none`"
     )
-    cache_dir: Path = Field(DEFAULT_LOCAL_CACHE_DIR, description="where the local backend keeps its archives")
+    cache_dir: Path = Field(DEFAULT_LOCAL_CACHE_DIR, description="where the `local` cache keeps its archives")
 
     @classmethod
     def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        cls, settings_cls: type[BaseSettings], init_settings: Source, env_settings: Source, **_: Source
+    ) -> tuple[Source, ...]:
         metadata, environ = _SOURCES.get(({}, None))
         if environ is not None and isinstance(env_settings, EnvSettingsSource):
             env_settings.env_vars = {k.lower(): v for k, v in environ.items()}
@@ -186,13 +143,10 @@ class Settings(BaseSettings):
     def _sizes_inside_the_bounds(self) -> Settings:
         if self.min_side > self.max_side:
             raise ValueError(f"min_side={self.min_side} is more than max_side={self.max_side}")
-        entries = {
-            **{f"resolutions {r}": r for r in self.resolutions},
-            **{f"aspect_ratios {n}={r}": r for n, r in self.aspect_ratios.items()},
-        }
-        for label, size in entries.items():
-            if problem := self.bounds.problem(size.width, size.height):
-                raise ValueError(f"{label} is outside the size bounds: {problem[0]} {problem[1]}")
+        labelled = {f"resolutions {r}": r for r in self.resolutions}
+        labelled |= {f"aspect_ratios {n}={r}": r for n, r in self.aspect_ratios.items()}
+        if problem := self.bounds.first_outside(labelled):
+            raise ValueError(problem)
         return self
 
     @classmethod
@@ -215,12 +169,12 @@ class Settings(BaseSettings):
             _SOURCES.reset(token)
 
     @property
-    def bounds(self) -> SizeBounds:
-        return SizeBounds(self.min_side, self.max_side, self.max_megapixels)
+    def bounds(self) -> sizes.SizeBounds:
+        return sizes.SizeBounds(self.min_side, self.max_side, self.max_megapixels)
 
     @property
-    def sizes(self) -> ServedSizes:
-        return ServedSizes(self.bounds, self.aspect_ratios)
+    def sizes(self) -> sizes.ServedSizes:
+        return sizes.ServedSizes(self.bounds, self.aspect_ratios)
 
     @property
     def compile_settings(self) -> CompileSettings:
@@ -229,23 +183,17 @@ class Settings(BaseSettings):
         # every guarded tensor (torch.empty_like), which torchao's Float8Tensor weights do not implement.
         return CompileSettings(self.compile, self.compile_any_size, precompile=self.precision not in ("fp8", "int8"))
 
-    def resolved(self, gpu: GpuFacts | None) -> Settings:
+    def resolved(self, gpu: rules.GpuFacts | None) -> Settings:
         """These settings with both `auto` precisions decided for `gpu`, each choice logged with its reason."""
-        chosen, reason = choose_precision(self.precision, gpu)
+        chosen, reason = rules.choose_precision(self.precision, gpu)
         log.info("precision %s: %s", chosen, reason)
-        text_chosen, text_reason = choose_text_encoder_precision(self.text_encoder_precision, chosen, gpu)
+        text_chosen, text_reason = rules.choose_text_encoder_precision(self.text_encoder_precision, chosen, gpu)
         log.info("text_encoder_precision %s: %s", text_chosen, text_reason)
-        compile_on = self.compile
-        if compile_on and chosen == "int8":
-            # Measured on an H200 (BENCHMARKS.md): 158 s and 136 s for the first two shapes against about 20 s in bf16.
-            log.warning(
-                "compile turned off because precision is int8: Inductor compiles its weight-only matmuls for "
-                "over two minutes per served shape, so int8 serves eager"
-            )
-            compile_on = False
-        return self.model_copy(
-            update={"precision": chosen, "text_encoder_precision": text_chosen, "compile": compile_on}
-        )
+        compiles, why_not = rules.compiles_at(chosen)
+        if self.compile and not compiles:
+            log.warning("compile turned off because precision is %s: %s", chosen, why_not)
+        update = {"precision": chosen, "text_encoder_precision": text_chosen, "compile": self.compile and compiles}
+        return self.model_copy(update=update)
 
     def fingerprint_facts(self) -> dict[str, Any]:
         """What shapes the compiled artifacts, for the cache key: of settings `resolved` for a GPU."""
@@ -302,18 +250,3 @@ def _warn_of_stray_variables(environ: Mapping[str, str]) -> None:
 def config_metadata(path: Path = CONFIG_PATH) -> dict[str, Any]:
     """model_metadata of a Truss config file, for code that runs outside the Truss server."""
     return yaml.safe_load(path.read_text())["model_metadata"]
-
-
-def env_for(**overrides: Any) -> dict[str, str]:
-    """FLUX_* environment variables for the given settings by key, checked as the server will read them."""
-    env = {ENV_PREFIX + key.upper(): _env_value(value) for key, value in overrides.items()}
-    Settings.from_sources(environ=env)  # a bad key or value fails here, not in a child process
-    return env
-
-
-def _env_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, list | tuple):
-        return ",".join(str(item) for item in value)
-    return str(value)
