@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import tarfile
 import types
@@ -128,15 +131,15 @@ def test_fingerprint_tracks_what_shapes_the_artifacts() -> None:
     key = fingerprint(base.fingerprint_facts())
     assert key == fingerprint(base.fingerprint_facts())
     changed = [
-        replace(base, compile=replace(base.compile, mode="max-autotune")),
-        replace(base, compile=replace(base.compile, regional=False, precompile=False)),
-        replace(base, text_lengths=(256,)),
-        replace(base, model_source="full-random"),
+        base.model_copy(update={"precision": "fp8"}),
+        base.model_copy(update={"compile_any_size": False}),
+        base.model_copy(update={"text_lengths": (256,)}),
+        base.model_copy(update={"model_source": "full-random"}),
         Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny", "FLUX_RESOLUTIONS": "1024x1024"}).resolved(None),
     ]
     assert len({key, *(fingerprint(s.fingerprint_facts()) for s in changed)}) == len(changed) + 1
-    # Warm-up repetitions do not change what is compiled.
-    assert fingerprint(replace(base, compile=replace(base.compile, warmup_runs=5)).fingerprint_facts()) == key
+    # What only shapes requests, not the compiled code, stays out of the key.
+    assert fingerprint(base.model_copy(update={"prompt_cache_mb": 0}).fingerprint_facts()) == key
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "empty"])
@@ -253,7 +256,31 @@ def test_b10_transfer_status_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert cache.save().outcome is SAVE_TABLE[status]
     first_generation = tmp_path / "compile_cache" / "feedc0de" / "generation-0"
     assert seen.dirs == [str(first_generation)] * 2, "each fingerprint has its own directory"
-    assert os.environ["B10FS_CACHE_DIR"] == "/cache/model/untouched", "the caller's environment is restored"
+
+
+class RecordingEnviron(dict):
+    """os.environ's stand-in: which threads wrote to it."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.writers: list[str] = []
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.writers.append(threading.current_thread().name)
+        super().__setitem__(key, value)
+
+
+def test_the_restore_thread_never_writes_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # setenv racing getenv in native code (the weights load meanwhile) is not safe: the restore's thread only reads.
+    environ = RecordingEnviron(dict(os.environ))
+    monkeypatch.setattr(os, "environ", environ)
+    seen = fake_module(monkeypatch, "b10_transfer", load=OperationStatus.SUCCESS, save=OperationStatus.SUCCESS)
+    cache = B10TransferCache(CompileArtifacts(INDUCTOR, "feedc0de"), root=tmp_path)
+    restore = cache.prepared_restore()
+    with ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
+        assert pool.submit(restore).result().outcome is Outcome.HIT
+    assert environ.writers and all(name == threading.current_thread().name for name in environ.writers)
+    assert seen.dirs == [str(tmp_path / "compile_cache" / "feedc0de" / "generation-0")]
 
 
 def test_b10_transfer_raising_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -391,8 +418,37 @@ def test_real_b10_transfer_saves_what_a_hit_compiled_as_a_new_generation(b10fs: 
 
     fill_with(b10fs.inductor, {"fxgraph/ef/third": b"x"})
     assert cache.save().outcome is Outcome.SAVED
-    assert cache.stored_generations() == [2, 1], "only the newest two generations stay on the volume"
-    assert not cache.generation_dir(0).exists()
+    # Generation 0 was superseded moments ago: a replica that started its restore before may still be copying it.
+    assert cache.stored_generations() == [2, 1, 0], "a generation superseded moments ago stays"
+
+    # Once its successors have been there longer than any restore takes, nobody can still be reading it.
+    for generation in (1, 2):
+        archive = next(cache.generation_dir(generation).glob("*.tar.gz"))
+        aged = time.time() - B10TransferCache.READERS_GONE_AFTER_S - 60
+        os.utime(archive, (aged, aged))
+    fill_with(b10fs.inductor, {"fxgraph/ef/fourth": b"y"})
+    assert cache.save().outcome is Outcome.SAVED
+    assert cache.stored_generations() == [3, 2], "only the newest two generations stay once nobody reads the rest"
+    assert not cache.generation_dir(0).exists() and not cache.generation_dir(1).exists()
+
+
+def test_pruning_keeps_a_generation_a_restore_may_still_be_reading(tmp_path: Path) -> None:
+    # Without b10-transfer: generations as it leaves them, one complete archive each.
+    from b10_transfer.constants import CACHE_FILE_EXTENSION, CACHE_LATEST_SUFFIX
+
+    cache = B10TransferCache(CompileArtifacts(INDUCTOR, "prune"), root=tmp_path)
+    now = time.time()
+    for generation, age_s in ((0, 7200.0), (1, 30.0), (2, 0.0)):
+        archive = cache.generation_dir(generation) / f"key{CACHE_LATEST_SUFFIX}{CACHE_FILE_EXTENSION}"
+        archive.parent.mkdir(parents=True)
+        archive.write_bytes(b"archive")
+        os.utime(archive, (now - age_s, now - age_s))
+    cache._drop_unread_generations(oldest_kept=2)
+    # Generation 0's successor was stored 30 s ago: a replica may have picked 0 just before and still be copying it.
+    assert cache.stored_generations() == [2, 1, 0]
+    os.utime(next(cache.generation_dir(1).iterdir()), (now - 7200, now - 7200))
+    cache._drop_unread_generations(oldest_kept=2)
+    assert cache.stored_generations() == [2, 1]
 
 
 def test_real_b10_transfer_skips_a_generation_another_replica_stored(b10fs: types.SimpleNamespace) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +57,13 @@ def saved_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_saved_tiny_reloads_from_a_local_path(settings: Settings, saved_tiny: Path) -> None:
-    reloaded = load_pipeline(replace(settings, model_source=str(saved_tiny)), device="cpu")
+    reloaded = load_pipeline(settings.model_copy(update=dict(model_source=str(saved_tiny))), device="cpu")
     assert_same_image(_pixels(reloaded, settings), _pixels(load_pipeline(settings, device="cpu"), settings))
 
 
 def test_weights_mount_is_preferred_to_the_hub(settings: Settings, saved_tiny: Path) -> None:
     # The repo id does not exist; only the mount can satisfy the load, and no download is tried.
-    mounted = replace(settings, model_source="hf", repo_id="nobody/not-a-repo", weights_path=saved_tiny)
+    mounted = settings.model_copy(update=dict(model_source="hf", repo_id="nobody/not-a-repo", weights_path=saved_tiny))
     assert describe_source(mounted) == f"weights mount {saved_tiny}"
     assert_same_image(
         _pixels(load_pipeline(mounted, device="cpu"), settings),
@@ -73,13 +72,13 @@ def test_weights_mount_is_preferred_to_the_hub(settings: Settings, saved_tiny: P
 
 
 def test_missing_mount_falls_back_to_the_repo_id(settings: Settings, tmp_path: Path) -> None:
-    unmounted = replace(settings, model_source="hf", weights_path=tmp_path / "absent")
+    unmounted = settings.model_copy(update=dict(model_source="hf", weights_path=tmp_path / "absent"))
     assert describe_source(unmounted) == f"Hugging Face repo {settings.repo_id}"
 
 
 def test_missing_local_directory_fails_clearly(settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither"):
-        load_pipeline(replace(settings, model_source=str(tmp_path / "absent")), device="cpu")
+        load_pipeline(settings.model_copy(update=dict(model_source=str(tmp_path / "absent"))), device="cpu")
 
 
 @pytest.mark.parametrize("source", ["offline", "local path"])
@@ -87,7 +86,7 @@ def test_block_hook_sees_every_part_with_its_weights_unchanged(
     settings: Settings, saved_tiny: Path, source: str
 ) -> None:
     if source == "local path":
-        settings = replace(settings, model_source=str(saved_tiny))
+        settings = settings.model_copy(update=dict(model_source=str(saved_tiny)))
     seen: list[torch.nn.Module] = []
 
     def hook(part: torch.nn.Module) -> None:
