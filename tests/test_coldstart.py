@@ -212,7 +212,7 @@ class RecordingCache(NoCache):
 def _compiled_tiny_model(monkeypatch: pytest.MonkeyPatch, cache: RecordingCache) -> Model:
     """The tiny model with compile on, the compiler faked and a warm-up that compiled something new to save."""
     fake_compile(monkeypatch, new_graphs=1)
-    monkeypatch.setattr("model.model.choose_backend", lambda *args, **kwargs: cache)
+    monkeypatch.setattr("model.coldstart.choose_backend", lambda *args, **kwargs: cache)
     for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
         monkeypatch.setenv(key, value)
     return Model(config={"model_metadata": config_metadata()})
@@ -292,8 +292,11 @@ def test_a_restore_raising_on_its_thread_costs_only_a_compile(
             raise RuntimeError("backend bug")
 
     calls = fake_compile(monkeypatch, new_graphs=1)
-    restoring = coldstart.restore_in_background(Broken(), CompileSettings())
-    report = coldstart.prepare(fresh_engine, CompileSettings(), Broken(), ARTIFACTS, restoring)
+    monkeypatch.setattr("model.coldstart.choose_backend", lambda *args, **kwargs: Broken())
+    restoring = coldstart.begin_restore(Settings.from_sources(environ=TINY_EAGER).resolved(None))
+    assert restoring.future is None, "nothing compiles, so nothing is restored"
+    restoring = coldstart.begin_restore(Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"}).resolved(None))
+    report = coldstart.prepare(fresh_engine, CompileSettings(), Broken(), ARTIFACTS, restoring.future)
     assert report.restore.outcome is Outcome.ERROR and "backend bug" in report.restore.detail
     assert calls == ["compile", "warm_up"] and report.eager_fallback_reason is None
 
@@ -317,8 +320,8 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
         return real_load_pipeline(*args, **kwargs)
 
     fake_compile(monkeypatch, new_graphs=0)
-    monkeypatch.setattr("model.model.choose_backend", lambda *args, **kwargs: Slow())
-    monkeypatch.setattr("model.model.load_pipeline", load_pipeline_seeing_the_restore)
+    monkeypatch.setattr("model.coldstart.choose_backend", lambda *args, **kwargs: Slow())
+    monkeypatch.setattr("model.coldstart.load_pipeline", load_pipeline_seeing_the_restore)
     for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
         monkeypatch.setenv(key, value)
     model = Model(config={"model_metadata": config_metadata()})
