@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 import sys
 import tarfile
+import threading
+import time
 import types
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest

@@ -26,7 +26,6 @@ ENV = {
     "FLUX_RESOLUTIONS": "1024x1024",
     "FLUX_TEXT_LENGTHS": "256,512",
     "FLUX_CACHE_BACKEND": "none",
-    "FLUX_WARMUP_RUNS": "2",
 }
 STATIC = Resolution(1024, 1024)
 # Never warmed up: the smallest square, a near-2-megapixel landscape, the narrowest portrait, an odd one.

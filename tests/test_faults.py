@@ -21,19 +21,21 @@ from model.precision import gpu_facts
 from model.random_flux import build_random_pipeline
 from model.settings import Settings
 from tests.conftest import RunningServer, decode_jpeg, start_server
+from tests.harness import COMPILE_OVERRIDES
 from tests.truss_server import PREDICT_PATH, READY_PATH, build_app, free_port, start, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 
-# One small shape, one warm-up run and no VAE compile keep a from-scratch compile short on a CPU.
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
+# One small shape and no VAE compile keep a from-scratch compile short on a CPU.
 COMPILED = {
     "FLUX_COMPILE": "1",
     "FLUX_RESOLUTIONS": "256x256",
     "FLUX_TEXT_LENGTHS": "256",
-    "FLUX_COMPILE_VAE": "0",
-    "FLUX_WARMUP_RUNS": "1",
     "FLUX_COMPILE_ANY_SIZE": "0",
     "FLUX_MODEL_SOURCE": "tiny",
+    COMPILE_OVERRIDES: json.dumps({"vae": False}),
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_INJECTION), os.environ.get("PYTHONPATH")])),
 }
 BODY = {"prompt": "a lighthouse", "width": 256, "height": 256, "seed": 3}
 
@@ -132,21 +134,19 @@ def test_b10fs_unavailable(tmp_path: Path) -> None:
 
 
 def test_torch_compile_raising_serves_eager(tmp_path: Path) -> None:
-    fault_injection = Path(__file__).resolve().parent / "fault_injection"
-    python_path = os.pathsep.join(filter(None, [str(fault_injection), os.environ.get("PYTHONPATH")]))
-    env = compiled_env(tmp_path, PYTHONPATH=python_path, INJECT_COMPILE_FAILURE="1")
+    env = compiled_env(tmp_path, INJECT_COMPILE_FAILURE="1")
     for server in start_server(tmp_path / "build", env):
         assert_serves(server)
         assert "COMPILE FAILED, serving EAGER" in server.log()
         assert "injected failure: torch.compile raised" in server.log()
 
 
-def test_an_unknown_compile_mode_stops_the_start_and_names_the_setting(tmp_path: Path) -> None:
+def test_an_unknown_precision_stops_the_start_and_names_the_setting(tmp_path: Path) -> None:
     app = build_app(tmp_path / "build")
     port = free_port()
     log_path = tmp_path / "server.log"
-    process = start(app, port, {**compiled_env(tmp_path), "FLUX_COMPILE_MODE": "no-such-mode"}, log_path)
-    expected = "compile_mode='no-such-mode' (from FLUX_COMPILE_MODE)"
+    process = start(app, port, {**compiled_env(tmp_path), "FLUX_PRECISION": "fp4"}, log_path)
+    expected = "precision='fp4' (from FLUX_PRECISION)"
     try:
         deadline = time.monotonic() + 120
         while expected not in log_path.read_text(errors="replace"):

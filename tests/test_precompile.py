@@ -11,8 +11,9 @@ from model import precompile
 from model.artifacts import CompileArtifacts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine
+from model.graph_route import dynamic_graph, route
 from model.pipeline import load_pipeline
-from model.precompile import input_signature, precompile_modules
+from model.precompile import input_signature, precompiled_regions
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings
@@ -35,6 +36,13 @@ class Gate(torch.nn.Module):
         return 2 * y if double else y
 
 
+def precompile_modules(modules: list[torch.nn.Module], artifacts: CompileArtifacts, any_size: bool) -> None:
+    """Route each module through its class's precompiled function, on both routes, as model.compile does."""
+    regions = precompiled_regions(modules, artifacts, "default", any_size)
+    for module in modules:
+        route(module, regions[type(module)], regions[type(module)])
+
+
 def eager(module: Gate, x: torch.Tensor, double: bool) -> torch.Tensor:
     return Gate.forward(module, x, double=double)
 
@@ -42,7 +50,7 @@ def eager(module: Gate, x: torch.Tensor, double: bool) -> torch.Tensor:
 @pytest.fixture
 def gates(tmp_path: Path) -> list[Gate]:
     modules = [Gate(seed).requires_grad_(False) for seed in (1, 2)]
-    precompile_modules(modules, CompileArtifacts(tmp_path, KEY), mode="default", any_size=False)
+    precompile_modules(modules, CompileArtifacts(tmp_path, KEY), any_size=False)
     return modules
 
 
@@ -74,7 +82,7 @@ def test_a_fresh_process_loads_instead_of_compiling(gates: list[Gate], tmp_path:
     torch._dynamo.reset()  # nothing traced survives, as in a new process
 
     restarted = Gate(1).requires_grad_(False)
-    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", any_size=False)
+    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), any_size=False)
     before = counters()
     torch.testing.assert_close(restarted(x, double=False), expected)
     assert counters()["loaded"] - before["loaded"] == 1
@@ -89,7 +97,7 @@ def test_a_damaged_file_is_compiled_again(gates: list[Gate], tmp_path: Path, cap
     saved.write_bytes(b"not a compiled function")
 
     restarted = Gate(1).requires_grad_(False)
-    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), mode="default", any_size=False)
+    precompile_modules([restarted], CompileArtifacts(tmp_path, KEY), any_size=False)
     before = counters()
     torch.testing.assert_close(restarted(x, double=False), eager(restarted, x, False))
     assert counters()["compiled"] - before["compiled"] == 1
@@ -117,7 +125,7 @@ def test_each_fingerprint_keeps_its_own_functions(
         # Without the VAE, which compiles slowest on a CPU and would show nothing more here.
         artifacts = CompileArtifacts(tmp_path, key)
         undo = compile_pipeline(
-            pipe, CompileSettings(precompile=True, compile_vae=False), shapes=1, artifacts=artifacts
+            pipe, CompileSettings(precompile=True, vae=False), shapes=1, artifacts=artifacts
         )
         engine.run(job)
         undo()
@@ -141,7 +149,7 @@ class SizeBranch(torch.nn.Module):
 
 
 def any_size(module: torch.nn.Module, tmp_path: Path) -> None:
-    precompile_modules([module], CompileArtifacts(tmp_path, KEY), mode="default", any_size=True)
+    precompile_modules([module], CompileArtifacts(tmp_path, KEY), any_size=True)
 
 
 @torch.inference_mode()
@@ -186,8 +194,23 @@ def test_after_warm_up_an_input_nothing_was_compiled_for_runs_eagerly(
     gates[0](x, double=False)
     before = counters()
     with torch.compiler.set_stance("eager_on_recompile"):
-        torch.testing.assert_close(gates[0](x, double=True), eager(gates[0], x, True))
-    assert counters() == before, "nothing compiled or loaded"
-    assert "running it eagerly" in caplog.text
+        for _ in range(5):  # a request calls each region dozens of times
+            torch.testing.assert_close(gates[0](x, double=True), eager(gates[0], x, True))
+    after = counters()
+    assert after["eager_calls"] - before["eager_calls"] == 5, "every eager call is counted"
+    assert {k: after[k] for k in ("compiled", "loaded")} == {k: before[k] for k in ("compiled", "loaded")}
+    warnings = [r for r in caplog.records if "runs eagerly" in r.getMessage()]
+    assert len(warnings) == 1, "logged once per input signature, not once per call"
     with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(RuntimeError, match="compiling is off"):
         gates[0](torch.randn(5, 8), double=False)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static route", "dynamic route"])
+def test_module_hooks_run_around_a_compiled_region_as_around_eager(gates: list[Gate], dynamic: bool) -> None:
+    seen: list[str] = []
+    gates[0].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    gates[0].register_forward_hook(lambda module, args, output: seen.append("post"))
+    with dynamic_graph(dynamic):
+        gates[0](torch.randn(4, 8), double=False)
+    assert seen == ["pre", "post"]

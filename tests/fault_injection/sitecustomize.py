@@ -5,6 +5,7 @@ for the server they start. It does nothing unless they also set INJECT_DEVICE_ER
 raises the error an illegal memory access gives), INJECT_FAILURE_ON (a plain RuntimeError), or
 INJECT_COMPILE_FAILURE (every torch.compile call raises). The product code carries no hook: the engine is patched
 as soon as Truss imports `model.engine`, and torch.compile as soon as anything imports `model.compile`.
+HARNESS_COMPILE_SETTINGS (tests.harness) narrows what a server compiles, e.g. without the VAE's slow CPU compile.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def _patch_engine(module: ModuleType, device_error_word: str, failure_word: str)
     engine.run = run
 
 
+def _patch_compile_settings(module: ModuleType, overrides: str) -> None:
+    import dataclasses
+    import json
+
+    plan = dataclasses.replace(module.CompileSettings(), **json.loads(overrides))
+    module.Settings.compile_settings = property(lambda self: dataclasses.replace(plan, enabled=self.compile))
+
+
 def _break_torch_compile() -> None:
     import torch
 
@@ -48,9 +57,10 @@ def _break_torch_compile() -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def __init__(self, device_error_word: str, failure_word: str, compile_failure: bool) -> None:
+    def __init__(self, device_error_word: str, failure_word: str, compile_failure: bool, overrides: str) -> None:
         self._words = (device_error_word, failure_word)
         self._compile_failure = compile_failure
+        self._overrides = overrides
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -58,7 +68,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         if fullname == "model.compile" and self._compile_failure:
             _break_torch_compile()
             return None
-        if fullname != "model.engine" or not any(self._words):
+        patches = {"model.engine": lambda m: _patch_engine(m, *self._words) if any(self._words) else None}
+        if self._overrides:
+            patches["model.settings"] = lambda m: _patch_compile_settings(m, self._overrides)
+        if fullname not in patches:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
@@ -68,7 +81,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             execute(module)
-            _patch_engine(module, *self._words)
+            patches[fullname](module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
@@ -77,5 +90,6 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 _device_error_word = os.environ.get("INJECT_DEVICE_ERROR_ON", "")
 _failure_word = os.environ.get("INJECT_FAILURE_ON", "")
 _compile_failure = bool(os.environ.get("INJECT_COMPILE_FAILURE"))
-if _device_error_word or _failure_word or _compile_failure:
-    sys.meta_path.insert(0, _PatchOnImport(_device_error_word, _failure_word, _compile_failure))
+_overrides = os.environ.get("HARNESS_COMPILE_SETTINGS", "")
+if _device_error_word or _failure_word or _compile_failure or _overrides:
+    sys.meta_path.insert(0, _PatchOnImport(_device_error_word, _failure_word, _compile_failure, _overrides))
