@@ -158,7 +158,12 @@ def test_an_aspect_ratio_gives_its_size(engine: FluxEngine) -> None:
     assert decode_jpeg(response.data).size == (1536, 640)
 
 
-def test_guidance_is_reset_to_zero_with_a_warning(engine: FluxEngine, caplog: pytest.LogCaptureFixture) -> None:
+def test_guidance_is_reset_to_zero_with_a_warning(
+    engine: FluxEngine, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.engine import GuidanceResets
+
+    monkeypatch.setattr(engine, "_guidance_resets", GuidanceResets())  # the first reset is always logged
     with caplog.at_level(logging.WARNING, logger="model.engine"):
         guided = generate(engine, seed=11, guidance_scale=7.5)
     assert any("guidance_scale 7.5 reset to 0.0" in record.getMessage() for record in caplog.records)
@@ -210,3 +215,80 @@ def test_clip_encoding_is_the_one_diffusers_computes(engine: FluxEngine, prompt:
         # The private FluxPipeline method that prompts.py no longer calls, as the reference for identical images.
         expected = pipe._get_clip_prompt_embeds(prompt=prompt, device=pipe.transformer.device)
     assert torch.equal(pooled, expected.to(pipe.transformer.dtype))
+
+
+def test_a_client_sending_guidance_on_every_request_cannot_flood_the_log(
+    engine: FluxEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    from model.engine import GuidanceResets
+
+    resets = GuidanceResets()
+    with caplog.at_level(logging.WARNING, logger="model.engine"):
+        for _ in range(1000):
+            resets.record(7.5)
+    lines = [r.getMessage() for r in caplog.records if "guidance_scale 7.5 reset" in r.getMessage()]
+    assert len(lines) == 4, "the 1st, 10th, 100th and 1000th"
+    assert "(1000 requests so far" in lines[-1]
+
+
+def test_jpg_is_jpeg_and_the_response_says_jpeg(engine: FluxEngine) -> None:
+    as_jpg = engine.generate(GenerateRequest(prompt="a red bicycle", seed=3, output_format="jpg", **SMALL))
+    as_jpeg = engine.generate(GenerateRequest(prompt="a red bicycle", seed=3, output_format="jpeg", **SMALL))
+    assert as_jpg.format == "jpeg" and as_jpg.data == as_jpeg.data
+    decode_jpeg(as_jpg.data)
+
+
+class Served(Exception):
+    """Ends a stubbed request once it holds the pipeline: only the order matters here."""
+
+
+def test_concurrent_requests_are_served_in_arrival_order(engine: FluxEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    order: list[int] = []
+
+    def hold_the_pipeline(job):
+        order.append(job.seed)
+        time.sleep(0.05)
+        raise Served
+
+    monkeypatch.setattr(engine, "encode_text", hold_the_pipeline)
+
+    def request(seed: int) -> None:
+        job = engine.job_for(GenerateRequest(prompt="x", seed=seed, **SMALL))
+        with pytest.raises(Served):
+            engine.run(job)
+
+    # predict_concurrency 4 and more: a burst queues behind the request being served, each a little after the last.
+    threads = []
+    for seed in range(12):
+        thread = threading.Thread(target=request, args=(seed,))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.005)
+    for thread in threads:
+        thread.join()
+    assert order == list(range(12))
+
+
+def test_a_request_arriving_at_a_handover_never_overtakes_one_already_waiting(engine: FluxEngine) -> None:
+    # A plain lock lets whichever thread asks first after a release take it: a new request could overtake queued ones.
+    import threading
+    import time
+
+    order: list[str] = []
+    lock = engine._lock
+
+    def wait_for_the_pipeline() -> None:
+        with lock:
+            order.append("waiting")
+
+    with lock:
+        waiting = threading.Thread(target=wait_for_the_pipeline)
+        waiting.start()
+        time.sleep(0.2)  # queued behind the request being served
+    with lock:  # arrives just as the pipeline is handed over
+        order.append("arrived at the handover")
+    waiting.join()
+    assert order == ["waiting", "arrived at the handover"]
