@@ -347,3 +347,20 @@ def test_a_retried_load_joins_the_restore_the_failed_attempt_started(monkeypatch
     model.load()
     assert cache.restores == 1, "two restores into one inductor directory would race"
     assert model.cold_start.restore.outcome is Outcome.HIT
+
+
+def test_a_size_never_warmed_up_that_would_compile_is_reported(
+    fresh_engine: FluxEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[int] = []
+
+    def would_compile(job) -> None:
+        ran.append(job.text_length)
+        if job.text_length == fresh_engine.text_lengths[-1]:
+            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+
+    assert coldstart.check_a_size_never_warmed_up(fresh_engine) == "passed", "the eager tiny model compiles nothing"
+    monkeypatch.setattr(fresh_engine, "run", would_compile)
+    outcome = coldstart.check_a_size_never_warmed_up(fresh_engine)
+    assert ran == list(fresh_engine.text_lengths), "every text length is checked"
+    assert outcome.startswith(f"FAILED: 1008x784 at text length {fresh_engine.text_lengths[-1]} would have compiled")

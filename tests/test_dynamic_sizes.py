@@ -70,8 +70,9 @@ def test_load_warms_up_the_dynamic_graph_and_checks_it(served: tuple[Model, np.n
     report = served[0].cold_start
     assert report.compiled and report.eager_fallback_reason is None
     shapes = report.warmup.runs_per_shape
-    assert {"1152x640@256", "640x1152@512", "1008x784@512"} <= set(shapes)
-    assert shapes["1008x784@512"] == 1, "the check size compiled something: the dynamic graph specialized"
+    assert {"1152x640@256", "640x1152@512"} <= set(shapes)
+    # A size never warmed up ran at both text lengths with compiling forbidden, and load() said so.
+    assert report.dynamic_check == "passed"
 
 
 def test_sizes_never_seen_compile_nothing(served: tuple[Model, np.ndarray]) -> None:
