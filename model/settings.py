@@ -25,7 +25,7 @@ from model import resolutions as sizes
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "FLUX_"
-# The package's own config.yaml: the one source of the served sizes and every other deployed value.
+# The package's config.yaml: the one source of the served sizes and every other deployed value.
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 DEFAULT_LOCAL_CACHE_DIR = Path.home() / ".cache" / "flux-schnell-truss" / "compile"
 # model_metadata keys that Truss and Baseten read for themselves: allowed beside the settings, never parsed here.
@@ -92,7 +92,6 @@ class Settings(BaseSettings):
     )
 
     repo_id: str = Field("black-forest-labs/FLUX.1-schnell", description="the Hugging Face repo the weights come from")
-    # "tiny" and "full-random" build an offline architecture with random weights (model.random_flux).
     model_source: str = Field(
         "hf",
         description="`hf`: the weights mount, else `repo_id`; `tiny` or `full-random`: offline random weights; "
@@ -240,8 +239,7 @@ def _explained(exc: pydantic.ValidationError, metadata: Mapping[str, Any], envir
     return "invalid settings:\n  " + "\n  ".join(problems)
 
 
-def _warn_of_stray_variables(environ: Mapping[str, str]) -> None:
-    # The environment is shared with everything else in the container, so a stray name only warns.
+def _warn_of_stray_variables(environ: Mapping[str, str]) -> None:  # the container's environment is shared: only warn
     known = {ENV_PREFIX + key.upper() for key in Settings.model_fields}
     for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX) and n.upper() not in known):
         log.warning("%s is not a setting and is ignored; the settings are %s", name, ", ".join(sorted(known)))
