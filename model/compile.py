@@ -30,7 +30,7 @@ COMPILE_MODE = "default"
 RegionFunction = Callable[..., Any]  # function(module, *args, **kwargs): the class's forward, compiled
 
 
-def regions(pipe: FluxPipeline, vae: bool = True) -> list[torch.nn.Module]:
+def _regions(pipe: FluxPipeline, vae: bool = True) -> list[torch.nn.Module]:
     """The modules routed through compiled functions: every repeated transformer block, and the VAE's decoder."""
     repeated = repeated_block_names(pipe.transformer)
     blocks = [m for m in pipe.transformer.modules() if type(m).__name__ in repeated]
@@ -52,7 +52,7 @@ def compile_pipeline(
     allow_recompiles(4 * shapes + 16)
     # A previous load() in this process sealed its graphs (model.coldstart); this one compiles.
     torch.compiler.set_stance("default")
-    modules = regions(pipe, settings.vae)
+    modules = _regions(pipe, settings.vae)
     # A parameter that requires grad makes the compile capture a training graph, which inference mode rejects.
     pipe.transformer.requires_grad_(False)
     pipe.vae.requires_grad_(False)
@@ -64,8 +64,11 @@ def compile_pipeline(
         torch.compiler.reset()
 
     try:
-        static = _static_functions(modules, settings, artifacts)
-        dynamic = _dynamic_functions(modules, settings, artifacts)
+        static = _compiled_functions(modules, settings, artifacts, any_size=False)
+        if settings.any_size:
+            dynamic = _compiled_functions(modules, settings, artifacts, any_size=True)
+        else:  # the sizes that have no static graph run each class's eager forward
+            dynamic = {type(m): type(m).forward for m in modules}
         first_single_block = pipe.transformer.single_transformer_blocks[0]
         for module in modules:
             route(module, static[type(module)], dynamic[type(module)], shared_layout=module is first_single_block)
@@ -84,36 +87,19 @@ def compile_pipeline(
     return undo
 
 
-def _kinds(modules: list[torch.nn.Module]) -> list[type]:
-    return list(dict.fromkeys(type(m) for m in modules))
-
-
-def _static_functions(
-    modules: list[torch.nn.Module], settings: CompileSettings, artifacts: CompileArtifacts
+def _compiled_functions(
+    modules: list[torch.nn.Module], settings: CompileSettings, artifacts: CompileArtifacts, any_size: bool
 ) -> dict[type, RegionFunction]:
-    if settings.precompile:
-        return precompile.precompiled_regions(modules, artifacts, COMPILE_MODE, any_size=False)
-    return {
-        kind: torch.compile(kind.forward, mode=COMPILE_MODE, fullgraph=True, dynamic=False) for kind in _kinds(modules)
-    }
+    """One compiled function per class among `modules`, static per shape or, with `any_size`, for any size.
 
-
-def _dynamic_functions(
-    modules: list[torch.nn.Module], settings: CompileSettings, artifacts: CompileArtifacts
-) -> dict[type, RegionFunction]:
-    """The functions for sizes without a static graph; each class's eager forward without `any_size`.
-
-    Precompiled like the static ones when they are (a hit then loads it instead of tracing it: 22 s on an H200),
-    else the class's forward under its own torch.compile, whose cache entries Dynamo never hands to another
-    torch.compile's calls (its backend check). Both are symbolic from their first size (`dynamic=True`): with
-    automatic dynamic shapes the first graph depends on which sizes were traced before, which a miss (static graphs
-    traced) and a hit (static graphs loaded from files) do not share. Dimensions fixed by the weights' shapes
-    (channels, heads) and the batch of 1 still specialize.
+    Precompiled in bf16 (a hit then loads each instead of tracing it: 22 s on an H200 for the dynamic one), else
+    the class's forward under its own torch.compile, whose cache entries Dynamo never hands to another
+    torch.compile's calls (its backend check). The dynamic ones are symbolic from their first size (`dynamic=True`):
+    with automatic dynamic shapes the first graph depends on which sizes were traced before, which a miss (static
+    graphs traced) and a hit (static graphs loaded from files) do not share. Dimensions fixed by the weights'
+    shapes (channels, heads) and the batch of 1 still specialize.
     """
-    if not settings.any_size:
-        return {kind: kind.forward for kind in _kinds(modules)}
     if settings.precompile:
-        return precompile.precompiled_regions(modules, artifacts, COMPILE_MODE, any_size=True)
-    return {
-        kind: torch.compile(kind.forward, mode=COMPILE_MODE, fullgraph=True, dynamic=True) for kind in _kinds(modules)
-    }
+        return precompile.precompiled_regions(modules, artifacts, COMPILE_MODE, any_size)
+    kinds = dict.fromkeys(type(m) for m in modules)
+    return {kind: torch.compile(kind.forward, mode=COMPILE_MODE, fullgraph=True, dynamic=any_size) for kind in kinds}
