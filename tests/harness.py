@@ -9,7 +9,6 @@ starts, and returns what it did as JSON: the cold-start benchmark and the cache 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import io
 import json
@@ -18,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +28,18 @@ NO_BODY = Request({"type": "http", "headers": []})
 
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 EVERY_SIZE = "COLD_START_EVERY_SIZE"  # set: the child also serves every aspect ratio, not only the static sizes
-# JSON of CompileSettings fields the child compiles with, e.g. {"precompile": false}: Dynamo's path, which the
-# quantized precisions take, tested on a CPU where they cannot run.
+# JSON of CompileSettings fields a process compiles with, e.g. {"precompile": false}: Dynamo's path, which the
+# quantized precisions take, tested on a CPU where they cannot run. tests/fault_injection/sitecustomize.py applies it
+# in every process started with `with_fault_injection`.
 COMPILE_OVERRIDES = "HARNESS_COMPILE_SETTINGS"
+FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
+
+
+def with_fault_injection(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with tests/fault_injection first on PYTHONPATH: its sitecustomize then applies the faults and compile
+    overrides that `env` names, and does nothing otherwise."""
+    path = os.pathsep.join(filter(None, [str(FAULT_INJECTION), env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))]))
+    return {**env, "PYTHONPATH": path}
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ def child(state: str, workdir: Path) -> dict:
     from model.coldstart import WARMUP_RUNS, CompileCounters, warm_up
     from model.model import Model
     from model.schema import GenerateRequest
-    from model.settings import CompileSettings, Settings, config_metadata
+    from model.settings import Settings, config_metadata
 
     mega_file = workdir / "mega.bin"
     mega_load_s = 0.0
@@ -84,10 +93,6 @@ def child(state: str, workdir: Path) -> dict:
         torch.compiler.load_cache_artifacts(mega_file.read_bytes())
         mega_load_s = time.perf_counter() - started
 
-    if overrides := os.environ.get(COMPILE_OVERRIDES):
-        # The quantized precisions' Dynamo path, and the transformer alone, on a CPU: no setting chooses either.
-        plan = dataclasses.replace(CompileSettings(), **json.loads(overrides))
-        Settings.compile_settings = property(lambda self: dataclasses.replace(plan, enabled=self.compile))
     model = Model(config={"model_metadata": config_metadata()})
     if state == "miss" and os.environ.get("FLUX_CACHE_BACKEND") == "b10-transfer":
         _forget_b10_archives(Settings.from_sources())
@@ -183,16 +188,18 @@ def run_state(
     """Start a fresh process for one state, with an empty inductor directory of its own: another `replica` of a
     state gets another one, as a new replica restoring the same cache. `every_size` also serves every aspect ratio."""
     inductor = workdir / f"inductor-{state}-{backend}{f'-{replica}' if replica else ''}"
-    state_env = {
-        **os.environ,
-        **env,
-        "TORCHINDUCTOR_CACHE_DIR": str(inductor),
-        "FLUX_CACHE_DIR": str(workdir / "cache"),
-        "FLUX_CACHE_BACKEND": backend if state in ("miss", "hit") else "none",
-        "FLUX_COMPILE": "0" if state == "eager" else "1",
-        LAUNCHED_AT: str(time.time()),
-        **({EVERY_SIZE: "1"} if every_size else {}),
-    }
+    state_env = with_fault_injection(
+        {
+            **os.environ,
+            **env,
+            "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+            "FLUX_CACHE_DIR": str(workdir / "cache"),
+            "FLUX_CACHE_BACKEND": backend if state in ("miss", "hit") else "none",
+            "FLUX_COMPILE": "0" if state == "eager" else "1",
+            LAUNCHED_AT: str(time.time()),
+            **({EVERY_SIZE: "1"} if every_size else {}),
+        }
+    )
     command = [sys.executable, "-m", "tests.harness", state, str(workdir)]
     # The child's logs stream to this process's stderr as they happen: a run cut short keeps its progress.
     output = subprocess.run(command, env=state_env, stdout=subprocess.PIPE, text=True, check=False)

@@ -21,12 +21,11 @@ from model.precision import gpu_facts
 from model.random_flux import build_random_pipeline
 from model.settings import Settings
 from tests.conftest import RunningServer, decode_jpeg, start_server
-from tests.harness import COMPILE_OVERRIDES
+from tests.harness import COMPILE_OVERRIDES, with_fault_injection
 from tests.truss_server import PREDICT_PATH, READY_PATH, build_app, free_port, start, stop, wait_ready
 
 pytestmark = pytest.mark.slow
 
-FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
 # One small shape and no VAE compile keep a from-scratch compile short on a CPU.
 COMPILED = {
     "FLUX_COMPILE": "1",
@@ -35,19 +34,20 @@ COMPILED = {
     "FLUX_COMPILE_ANY_SIZE": "0",
     "FLUX_MODEL_SOURCE": "tiny",
     COMPILE_OVERRIDES: json.dumps({"vae": False}),
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULT_INJECTION), os.environ.get("PYTHONPATH")])),
 }
 BODY = {"prompt": "a lighthouse", "width": 256, "height": 256, "seed": 3}
 
 
 def compiled_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return {
-        **COMPILED,
-        "FLUX_CACHE_BACKEND": "local",
-        "FLUX_CACHE_DIR": str(tmp_path / "cache"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-        **extra,
-    }
+    return with_fault_injection(
+        {
+            **COMPILED,
+            "FLUX_CACHE_BACKEND": "local",
+            "FLUX_CACHE_DIR": str(tmp_path / "cache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+            **extra,
+        }
+    )
 
 
 def archive_path(env: dict[str, str]) -> Path:

@@ -6,7 +6,6 @@ PYTHONPATH, makes FluxEngine.run raise the error an illegal memory access gives 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +14,11 @@ import requests
 
 from model.health import MAX_CONSECUTIVE_FAILURES
 from tests.conftest import RunningServer, decode_jpeg, start_server
+from tests.harness import with_fault_injection
 from tests.truss_server import PREDICT_PATH, READY_PATH
 
 pytestmark = pytest.mark.slow
 
-FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
 DEVICE_ERROR_WORD = "zebra-illegal-access"
 FAILURE_WORD = "zebra-flaky"
 SERVED = {"prompt": "a lighthouse at dusk", "width": 1024, "height": 1024, "seed": 5}
@@ -27,8 +26,7 @@ SERVED = {"prompt": "a lighthouse at dusk", "width": 1024, "height": 1024, "seed
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RunningServer]:
-    python_path = os.pathsep.join(filter(None, [str(FAULT_INJECTION), os.environ.get("PYTHONPATH")]))
-    env = {"PYTHONPATH": python_path, "INJECT_DEVICE_ERROR_ON": DEVICE_ERROR_WORD, "INJECT_FAILURE_ON": FAILURE_WORD}
+    env = with_fault_injection({"INJECT_DEVICE_ERROR_ON": DEVICE_ERROR_WORD, "INJECT_FAILURE_ON": FAILURE_WORD})
     yield from start_server(tmp_path, env)
 
 

@@ -43,8 +43,10 @@ def _patch_compile_settings(module: ModuleType, overrides: str) -> None:
     import dataclasses
     import json
 
-    plan = dataclasses.replace(module.CompileSettings(), **json.loads(overrides))
-    module.Settings.compile_settings = property(lambda self: dataclasses.replace(plan, enabled=self.compile))
+    # On top of what the settings decide (enabled, any_size): only the named fields change.
+    decided = module.Settings.compile_settings.fget
+    changes = json.loads(overrides)
+    module.Settings.compile_settings = property(lambda self: dataclasses.replace(decided(self), **changes))
 
 
 def _break_torch_compile() -> None:
