@@ -167,7 +167,7 @@ FIELDS = [
 ]
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
     ["", "   ", "\u0000", "\ud7ff\ue000", "🦊" * 50, "\u202e\u200b", "a" * (MAX_PROMPT_CHARS + 1), "ｆｏｘ"]
-    + ["16:9", "1:1", "7:3", "16/9", "jpeg", "png", "webp", "gif", "JPEG"]
+    + ["16:9", "1:1", "7:3", "16/9", "jpeg", "jpg", "png", "webp", "gif", "JPEG"]
 )
 numbers = (
     st.integers(min_value=-(2**70), max_value=2**70)
@@ -217,7 +217,7 @@ def draw_value(draw: st.DrawFn, kind: str, values: st.SearchStrategy) -> object:
         }
         if draw(st.booleans()):  # half of them ask for more than the defaults: several images, another format
             body["num_outputs"] = draw(st.integers(min_value=1, max_value=2))
-            body["output_format"] = draw(st.sampled_from(["jpeg", "png", "webp"]))
+            body["output_format"] = draw(st.sampled_from(["jpeg", "jpg", "png", "webp"]))
             body["output_quality"] = draw(st.integers(min_value=1, max_value=100))
         if draw(st.booleans()):  # half of them break one field
             body[draw(st.sampled_from(FIELDS))] = draw(values)
