@@ -7,6 +7,7 @@ Imports are lazy: importing this module costs nothing until a function is called
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -121,14 +122,27 @@ def guards_accept(compiled: Any, *args: Any, **kwargs: Any) -> bool:
     return bool(compiled.guard_check(*args, **kwargs))
 
 
-def keep_input_and_shape_guards(entries: list[Any]) -> list[bool]:
-    """The guards a function compiled for any size keeps: its inputs' tensor guards and the relations between their
-    symbolic sizes (guard type "SHAPE_ENV", a name torch does not export), which say which sizes its code is valid
-    for. Parameters' guards go, as for every region: they cannot be saved, and one function serves every block."""
-    import torch
+def keep_input_guards(entries: list[Any], owner: str, shapes: bool) -> list[bool]:
+    """The guards a precompiled function keeps: tensor guards on the call's inputs, none on what the module `owner`
+    (the function's first argument) holds, and with `shapes` the relations between symbolic sizes (guard type
+    "SHAPE_ENV", a name torch does not export), which say which sizes a function compiled for any size is valid for.
 
-    tensor_guards = torch.compiler.keep_tensor_guards_unsafe(entries)
-    return [keep or entry.guard_type == "SHAPE_ENV" for keep, entry in zip(tensor_guards, entries, strict=True)]
+    The module's tensors go: one function serves every block of a kind, whose weights are inputs, not constants.
+    Keeping a guard on any of them puts the module in the saved guard state, and saving pickles what the module
+    holds: torchao's quantized weights (no `empty_like` for their meta copies), the `extra_repr` partial torchao
+    attaches, and the routed forward with its compiled functions. A guard's name is Dynamo's source name, which
+    starts with the argument it is rooted at (`x`, `owner._modules[...]`, or `L['x']` in older releases); torch has
+    no public way to ask for that argument."""
+    return [
+        (entry.guard_type == "TENSOR_MATCH" and _guarded_argument(entry.name) != owner)
+        or (shapes and entry.guard_type == "SHAPE_ENV")
+        for entry in entries
+    ]
+
+
+def _guarded_argument(name: str) -> str | None:
+    match = re.match(r"L\['(\w+)'\]|(\w+)", name)
+    return match and (match[1] or match[2])
 
 
 def b10fs_enabled_by_b10_transfer() -> bool:

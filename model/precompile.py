@@ -15,7 +15,9 @@ was compiled for then runs eagerly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -30,7 +32,7 @@ from model.compat import (
     compile_stance,
     guards_accept,
     inductor_mode_options,
-    keep_input_and_shape_guards,
+    keep_input_guards,
     skip_guard_check,
     specialized_floats,
 )
@@ -75,7 +77,7 @@ class PrecompiledRegion:
             **inductor_mode_options(mode),
             # Parameters are inputs, not constants, so one function serves every block of a kind. The signature
             # checked in __call__ covers the tensor guards; the others (module identity) cannot be saved.
-            "guard_filter_fn": keep_input_and_shape_guards if any_size else torch.compiler.keep_tensor_guards_unsafe,
+            "guard_filter_fn": functools.partial(keep_input_guards, owner=_first_argument(function), shapes=any_size),
         }
         with aot_compile_enabled():
             self._compile = torch.compile(function, fullgraph=True, dynamic=any_size, options=inductor_options)
@@ -136,6 +138,10 @@ class PrecompiledRegion:
         compiled.save_compiled_function(str(path))
         log.info("precompiled %s for a new input signature: %s", self.name, path.name)
         return compiled
+
+
+def _first_argument(function: Callable[..., Any]) -> str:
+    return next(iter(inspect.signature(function).parameters))
 
 
 def precompiled_regions(

@@ -178,9 +178,7 @@ class Settings(BaseSettings):
     @property
     def compile_settings(self) -> CompileSettings:
         """What load() compiles, of settings `resolved` for a GPU."""
-        # Measured on an H200 (BENCHMARKS.md): saving a precompiled function pickles its guards with a meta copy of
-        # every guarded tensor (torch.empty_like), which torchao's Float8Tensor weights do not implement.
-        return CompileSettings(self.compile, self.compile_any_size, precompile=self.precision not in ("fp8", "int8"))
+        return CompileSettings(self.compile, self.compile_any_size)
 
     def resolved(self, gpu: rules.GpuFacts | None) -> Settings:
         """These settings with both `auto` precisions decided for `gpu`, each choice logged with its reason."""

@@ -95,3 +95,23 @@ def test_floats_are_specialized_only_inside_the_block() -> None:
     with compat.specialized_floats(False):
         assert config.specialize_float is before
     assert config.specialize_float is before
+
+
+def test_guards_on_the_inputs_are_kept_and_none_on_what_the_module_holds() -> None:
+    """Guard names start with the argument they are rooted at; the filter must read them on this torch."""
+    decisions: dict[str, bool] = {}
+
+    def keep(entries: list) -> list[bool]:
+        kept = compat.keep_input_guards(entries, owner="module", shapes=False)
+        decisions.update(
+            {entry.name: k for entry, k in zip(entries, kept, strict=True) if k or "TENSOR" in entry.guard_type}
+        )
+        return kept
+
+    def forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return module(x)
+
+    torch.compile(forward, backend="eager", options={"guard_filter_fn": keep})(torch.nn.Linear(4, 4), torch.ones(2, 4))
+    kept = {name for name, k in decisions.items() if k}
+    assert len(kept) == 1 and kept.pop().replace("L['x']", "x") == "x"
+    assert any("weight" in name for name, k in decisions.items() if not k), decisions

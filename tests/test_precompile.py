@@ -12,6 +12,7 @@ from model.artifacts import CompileArtifacts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine
 from model.graph_route import dynamic_graph, route
+from model.optimize import block_hook
 from model.pipeline import load_pipeline
 from model.precompile import input_signature, precompiled_regions
 from model.resolutions import ResolutionRegistry
@@ -26,10 +27,10 @@ KEY = "gates"
 class Gate(torch.nn.Module):
     """A stand-in block: a weight, a tensor input and a plain flag that changes the computation."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, width: int = 8) -> None:
         super().__init__()
         torch.manual_seed(seed)
-        self.linear = torch.nn.Linear(8, 8)
+        self.linear = torch.nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, *, double: bool) -> torch.Tensor:
         y = torch.nn.functional.gelu(self.linear(x))
@@ -103,6 +104,44 @@ def test_a_damaged_file_is_compiled_again(gates: list[Gate], tmp_path: Path, cap
     assert counters()["compiled"] - before["compiled"] == 1
     assert "unusable, compiling again" in caplog.text
     assert saved.read_bytes() != b"not a compiled function", "the good function replaced the damaged file"
+
+
+def fp8_gates(monkeypatch: pytest.MonkeyPatch) -> list[Gate]:
+    """Gates quantized by the product's own fp8 quantizer: torchao's Float8Tensor weights, and the `extra_repr`
+    partial torchao attaches to each linear."""
+    from torchao.quantization import quant_api
+
+    # torchao refuses GPUs without fp8 matmuls, and every CPU; a CPU runs fp8 matmuls, slowly, which is enough here.
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    quantize = block_hook("fp8")
+    assert quantize is not None
+    modules = []
+    for seed in (1, 2):
+        module = Gate(seed, width=32).to(torch.bfloat16).requires_grad_(False)  # fp8 matmuls need 16 | width
+        quantize(module)
+        modules.append(module)
+    assert type(modules[0].linear.weight).__name__ == "Float8Tensor"
+    return modules
+
+
+@torch.inference_mode()
+def test_fp8_weights_precompile_and_load_like_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving a function used to pickle the module's quantized weights with its guards, which torchao cannot copy."""
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    modules = fp8_gates(monkeypatch)
+    precompile_modules(modules, CompileArtifacts(tmp_path, KEY), any_size=False)
+    before = counters()
+    expected = [module(x, double=False) for module in modules]
+    assert counters()["compiled"] - before["compiled"] == 1, "one function serves both modules' fp8 weights"
+    torch.testing.assert_close(expected[1], eager(modules[1], x, False), atol=0.1, rtol=0.05)
+
+    torch._dynamo.reset()  # as in a new process
+    restarted = fp8_gates(monkeypatch)
+    precompile_modules(restarted, CompileArtifacts(tmp_path, KEY), any_size=False)
+    before = counters()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert all(torch.equal(m(x, double=False), e) for m, e in zip(restarted, expected, strict=True))
+    assert counters()["loaded"] - before["loaded"] == 1
 
 
 def test_inputs_it_cannot_key_are_refused() -> None:
