@@ -7,6 +7,7 @@
     python -m bench.cold_start --mega               # also torch's Mega-Cache, for comparison
     python -m bench.cold_start --config dynamic     # a named configuration of bench.CONFIGS
     python -m bench.cold_start --model full-random --skip-eager --hits 2 --every-size   # same bytes on every replica
+    python -m bench.cold_start --profile DIR        # each hit also under cProfile: DIR/hit-N.prof and .prof.txt
 
 Each state runs in its own process with its own empty TorchInductor directory; "hit" restores
 only what the cache backend saved during "miss". Prints one JSON line per state, then a summary
@@ -29,8 +30,6 @@ from bench import config_env
 from tests.harness import b10_transfer_env, run_state, same_bytes
 
 BACKENDS = ("local", "b10-transfer")
-LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
-EVERY_SIZE = "COLD_START_EVERY_SIZE"  # set: the child also serves every aspect ratio, not only the static sizes
 MEGA_STATES = ("mega-miss", "mega-hit")
 
 
@@ -79,6 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--every-size", action="store_true", help="serve every aspect ratio too, not only the static sizes"
     )
+    parser.add_argument("--profile", type=Path, help="a directory: profile each hit there with cProfile")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
 
@@ -92,6 +92,8 @@ def main() -> None:
     if args.text_lengths:
         env["FLUX_TEXT_LENGTHS"] = args.text_lengths
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cold-start-"))
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     backends = args.backend.split(",")
     unknown = set(backends) - set(BACKENDS)
     if unknown:
@@ -107,7 +109,8 @@ def main() -> None:
         print(json.dumps(results["miss"]), flush=True)
         hits = []
         for replica in range(args.hits):
-            hits.append(run_state("hit", workdir, backend_env, backend, replica, args.every_size))
+            profile = args.profile / f"hit-{backend}-{replica}.prof" if args.profile else None
+            hits.append(run_state("hit", workdir, backend_env, backend, replica, args.every_size, profile))
             print(json.dumps(hits[-1]), flush=True)
         results["hit"] = hits[0]
         for state in MEGA_STATES if args.mega and backend == "local" else ():

@@ -28,6 +28,7 @@ NO_BODY = Request({"type": "http", "headers": []})
 
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 EVERY_SIZE = "COLD_START_EVERY_SIZE"  # set: the child also serves every aspect ratio, not only the static sizes
+PROFILE = "COLD_START_PROFILE"  # a file path: the child runs under cProfile and writes its statistics there
 # JSON of CompileSettings fields a process compiles with, e.g. {"precompile": false}: Dynamo's path, which the
 # quantized precisions take, tested on a CPU where they cannot run. tests/fault_injection/sitecustomize.py applies it
 # in every process started with `with_fault_injection`.
@@ -183,10 +184,17 @@ def _forget_b10_archives(settings) -> None:
 
 
 def run_state(
-    state: str, workdir: Path, env: dict[str, str], backend: str = "local", replica: int = 0, every_size: bool = False
+    state: str,
+    workdir: Path,
+    env: dict[str, str],
+    backend: str = "local",
+    replica: int = 0,
+    every_size: bool = False,
+    profile: Path | None = None,
 ) -> dict:
     """Start a fresh process for one state, with an empty inductor directory of its own: another `replica` of a
-    state gets another one, as a new replica restoring the same cache. `every_size` also serves every aspect ratio."""
+    state gets another one, as a new replica restoring the same cache. `every_size` also serves every aspect ratio;
+    with `profile` the process runs under cProfile and writes its statistics there."""
     inductor = workdir / f"inductor-{state}-{backend}{f'-{replica}' if replica else ''}"
     state_env = with_fault_injection(
         {
@@ -198,6 +206,7 @@ def run_state(
             "FLUX_COMPILE": "0" if state == "eager" else "1",
             LAUNCHED_AT: str(time.time()),
             **({EVERY_SIZE: "1"} if every_size else {}),
+            **({PROFILE: str(profile)} if profile else {}),
         }
     )
     command = [sys.executable, "-m", "tests.harness", state, str(workdir)]
@@ -217,6 +226,23 @@ def same_bytes(miss: dict, hits: list[dict]) -> dict:
     return {"hits_serve_the_miss_bytes": not differing, "sizes_differing": differing}
 
 
+def _profiled_child(state: str, workdir: Path, profile: Path) -> dict:
+    """`child` under cProfile, the interpreter's imports included; the statistics go to `profile`, and the 40
+    entries with the most cumulative time to `profile`.txt."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    result = profiler.runcall(child, state, workdir)
+    profiler.dump_stats(profile)
+    with open(f"{profile}.txt", "w") as text:
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+    return result
+
+
 if __name__ == "__main__":
     log_to_stderr()
-    print(json.dumps(child(sys.argv[1], Path(sys.argv[2]))), flush=True)
+    state, workdir = sys.argv[1], Path(sys.argv[2])
+    profile = os.environ.get(PROFILE)
+    result = _profiled_child(state, workdir, Path(profile)) if profile else child(state, workdir)
+    print(json.dumps(result), flush=True)
