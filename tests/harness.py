@@ -136,6 +136,7 @@ def child(state: str, workdir: Path) -> dict:
             cache_bytes=report.cache_bytes,
             archive_bytes=report.save.size_bytes if report.save else None,
             eager_fallback=report.eager_fallback_reason,
+            dynamic_check=report.dynamic_check,
         )
     if state == "mega-miss":
         started = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
+from model.coldstart import DYNAMIC_AREA_LADDER
 from tests.harness import COMPILE_OVERRIDES, run_state
 
 pytestmark = pytest.mark.slow
@@ -121,6 +122,15 @@ def test_a_hit_restores_the_dynamic_graph_as_the_miss_compiled_it(dynamic_miss_t
     assert hit["precompiled_loaded"] + hit["cached_graphs"] == compiled_regions(miss)
     assert set(hit["warmup_runs_per_shape"].values()) == {1}, hit["warmup_runs_per_shape"]
     assert hit["images"] == miss["images"]
+
+
+def test_only_a_miss_runs_the_area_ladder_and_the_unseen_size_check(dynamic_miss_then_hit: tuple[dict, dict]) -> None:
+    miss, hit = dynamic_miss_then_hit
+    ladder = {f"{size}@256" for size in DYNAMIC_AREA_LADDER} & set(miss["warmup_runs_per_shape"])
+    assert ladder and miss["dynamic_check"] == "passed"
+    # The hit loaded every function the ladder compiled (the test above) without running it.
+    assert not ladder & set(hit["warmup_runs_per_shape"]), hit["warmup_runs_per_shape"]
+    assert hit["dynamic_check"].startswith("not run"), hit["dynamic_check"]
 
 
 # --- a partial hit through the real b10-transfer ---------------------------------------------------
