@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,6 @@ from model.cache import (
     CompileCache,
     Outcome,
     archived_bytes,
-    choose_backend,
     set_aside_what_a_hit_never_reads,
 )
 from model.compat import compile_counts
@@ -35,6 +34,7 @@ from model.optimize import block_hook, configure_process, optimize, text_encoder
 from model.pipeline import load_pipeline
 from model.prompt_cache import PromptEmbeddingCache
 from model.resolutions import Resolution
+from model.restore import PendingRestore, joined, on_a_thread
 from model.settings import CompileSettings, Settings
 from model.text_graphs import capture_text_encoders
 
@@ -148,36 +148,12 @@ def _logged(action: str, result: CacheResult) -> CacheResult:
     return result
 
 
-@dataclass
-class PendingRestore:
-    """The compile cache of one configuration, and its restore running on a thread (None: nothing to compile)."""
-
-    cache: CompileCache
-    artifacts: CompileArtifacts
-    future: Future[CacheResult] | None
-
-
-def begin_restore(settings: Settings) -> PendingRestore:
-    """Start restoring the compile cache of `settings` (resolved for this GPU) on a thread, beside the weights."""
-    artifacts = CompileArtifacts.here(settings.fingerprint_facts())
-    cache = choose_backend(settings.cache_backend, artifacts, settings.cache_dir)
-    if not settings.compile_settings.enabled:
-        return PendingRestore(cache, artifacts, None)
-    log.info("compile cache restore started (%s), alongside the weights", cache.name)
-    # Whatever the restore reads from the process (b10-transfer: its environment) is set here, on this thread,
-    # before the restore's thread starts: setenv racing getenv in native code on the weights' thread is not safe.
-    restore = cache.prepared_restore()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-cache-restore")
-    future = executor.submit(restore)
-    executor.shutdown(wait=False)  # the thread ends with the restore
-    return PendingRestore(cache, artifacts, future)
-
-
 def load_engine(
     settings: Settings, hf_token: str | None, restore: PendingRestore
 ) -> tuple[FluxEngine, ColdStartReport]:
     """The weights, the optimizations, then `prepare`, then the text encoders' CUDA graphs: a serving engine."""
     started = time.perf_counter()
+    restoring = _preloaded_after(restore)
     configure_process()
     pipe = load_pipeline(
         settings,
@@ -189,18 +165,41 @@ def load_engine(
     prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
     engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache)
     weights_s = time.perf_counter() - started
-    report = prepare(engine, settings.compile_settings, restore.cache, restore.artifacts, restore.future)
+    report = prepare(engine, settings.compile_settings, restore.cache, restore.artifacts, restoring)
     report.weights_s = weights_s
     # After the warm-up, so that the encoders are captured as they serve.
     engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
     return engine, report
 
 
-def _joined(restoring: Future[CacheResult]) -> CacheResult:
-    try:
-        return restoring.result()
-    except Exception as exc:  # backends report failures as outcomes; anything else still only costs a compile
-        return CacheResult(Outcome.ERROR, f"restore raised {exc!r}")
+def _preloaded_after(restore: PendingRestore) -> Future[CacheResult] | None:
+    """The restore, then, on a hit, every precompiled function it brought read from its file, while the weights load.
+
+    Reading one runs the Python that Inductor generated for it and loads its kernels: a hit's first run of each
+    shape spent most of its time there (BENCHMARKS.md). Started only now, after the engine's imports, so that two
+    threads never import the same modules at once.
+    """
+    if restore.future is None:
+        return None
+    restoring, directory = restore.future, restore.artifacts.precompiled_dir
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+
+    def then_preload() -> CacheResult:
+        result = joined(restoring)
+        if result.outcome is Outcome.HIT:
+            if device is not None:
+                torch.cuda.set_device(device)  # the kernels load into the serving device's context
+            started = time.perf_counter()
+            # Under the mode the engine serves in: a function read outside it builds guards for tensors outside
+            # inference mode, and refuses every call (one compiled for any size then compiles again).
+            with torch.inference_mode():
+                count = precompile.preload(directory)
+            log.info(
+                "read %d precompiled functions in %.1f s, beside the weights", count, time.perf_counter() - started
+            )
+        return result
+
+    return on_a_thread(then_preload, "precompiled-preload")
 
 
 def prepare(
@@ -221,7 +220,7 @@ def prepare(
         return report
 
     started = time.perf_counter()
-    report.restore = _logged("restore", _joined(restoring) if restoring is not None else cache.restore())
+    report.restore = _logged("restore", joined(restoring) if restoring is not None else cache.restore())
     report.restore_s = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -7,17 +7,20 @@ parse requests into GenerateRequest and publish the schema, and string annotatio
 import logging
 import shutil
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
 from starlette.requests import Request
 
-from model.coldstart import ColdStartReport, PendingRestore, begin_restore, load_engine
-from model.engine import FluxEngine, InvalidRequest
 from model.health import ReplicaHealth, gpu_failed_message
 from model.precision import gpu_facts
+from model.restore import PendingRestore, begin_restore
 from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
 from model.settings import Settings
+
+if TYPE_CHECKING:  # the engine's modules import diffusers: load() imports them once the cache restore has started
+    from model.coldstart import ColdStartReport
+    from model.engine import FluxEngine
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,14 @@ class Model:
         if self._engine is not None:
             log.info("already loaded")
             return
-        _log_gpu()
         # Reading the GPU's facts initialises CUDA here, before the restore's thread starts.
         settings = self._settings.resolved(gpu_facts())
         # A retry after the weights failed joins the restore the failed attempt started, rather than racing it.
         if self._restore is None:
             self._restore = begin_restore(settings)
+        _log_gpu()
+        from model.coldstart import load_engine  # diffusers and transformers: seconds, beside the restore
+
         self._engine, self.cold_start = load_engine(settings, self._hf_token, self._restore)
         log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.bounds)
 
@@ -68,6 +73,8 @@ class Model:
         if (device_error := self._health.device_error) is not None:
             # Every CUDA call fails after a sticky error: answer at once instead of queueing for a dead GPU.
             raise HTTPException(status_code=503, detail=gpu_failed_message(device_error, earlier=True))
+        from model.engine import InvalidRequest  # imported by load() already
+
         try:
             response = self._engine.generate(request)
         except InvalidRequest as exc:

@@ -39,6 +39,9 @@ from model.compat import (
 
 log = logging.getLogger(__name__)
 
+# Functions read from their files ahead of their first call (`preload`), by path; each is taken once.
+_PRELOADED: dict[Path, Callable[..., Any]] = {}
+
 # Read by model.coldstart's CompileCounters: how many functions were compiled, and loaded from files, in this process,
 # and how many calls after warm-up found no function and ran eagerly.
 COUNTERS = {"compiled": 0, "loaded": 0, "eager_calls": 0}
@@ -116,8 +119,7 @@ class PrecompiledRegion:
         functions: list[Callable[..., Any]] = []
         while (path := self._path(key, len(functions))).is_file():
             try:
-                with path.open("rb") as file:
-                    compiled = torch.compiler.load_compiled_function(file)
+                compiled = _PRELOADED.pop(path, None) or _read(path)
             except Exception as exc:  # a damaged or incompatible file costs a compile, never a failure
                 log.warning("precompiled %s unusable, compiling again: %r", path.name, exc)
                 break
@@ -138,6 +140,26 @@ class PrecompiledRegion:
         compiled.save_compiled_function(str(path))
         log.info("precompiled %s for a new input signature: %s", self.name, path.name)
         return compiled
+
+
+def _read(path: Path) -> Callable[..., Any]:
+    with path.open("rb") as file:
+        return torch.compiler.load_compiled_function(file)
+
+
+def preload(directory: Path) -> int:
+    """Read every precompiled function in `directory` ahead of its first call; returns how many were read.
+
+    A file that cannot be read is left for its first call, which logs why and compiles again.
+    """
+    count = 0
+    for path in sorted(directory.glob("*.bin")):
+        try:
+            _PRELOADED[path] = _read(path)
+            count += 1
+        except Exception:
+            continue
+    return count
 
 
 def _first_argument(function: Callable[..., Any]) -> str:

@@ -24,6 +24,7 @@ from model.engine import FluxEngine
 from model.graph_route import routed
 from model.model import Model
 from model.pipeline import load_pipeline
+from model.restore import begin_restore
 from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings, config_metadata
 from tests.conftest import TINY_EAGER
@@ -45,8 +46,9 @@ def fake_compile(monkeypatch: pytest.MonkeyPatch, new_graphs: int) -> list[str]:
     calls: list[str] = []
     monkeypatch.setattr(coldstart, "compile_pipeline", lambda *args, **kwargs: (calls.append("compile"), None)[1])
 
-    def warm(engine: FluxEngine, runs: int, dynamic_shapes: list | None = None) -> WarmupReport:
-        calls.append("warm_up")
+    def warm(engine: FluxEngine, runs: int, dynamic_shapes: list | None = None, static: bool = True) -> WarmupReport:
+        if static:  # the call that warms the served shapes; a second one warms more dynamic sizes
+            calls.append("warm_up")
         return WarmupReport(
             {"1024x1024@256": 0.1}, CompileCounters(graphs=3, fxgraph_misses=new_graphs, fxgraph_hits=0)
         )
@@ -212,7 +214,7 @@ class RecordingCache(NoCache):
 def _compiled_tiny_model(monkeypatch: pytest.MonkeyPatch, cache: RecordingCache) -> Model:
     """The tiny model with compile on, the compiler faked and a warm-up that compiled something new to save."""
     fake_compile(monkeypatch, new_graphs=1)
-    monkeypatch.setattr("model.coldstart.choose_backend", lambda *args, **kwargs: cache)
+    monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: cache)
     for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
         monkeypatch.setenv(key, value)
     return Model(config={"model_metadata": config_metadata()})
@@ -292,10 +294,10 @@ def test_a_restore_raising_on_its_thread_costs_only_a_compile(
             raise RuntimeError("backend bug")
 
     calls = fake_compile(monkeypatch, new_graphs=1)
-    monkeypatch.setattr("model.coldstart.choose_backend", lambda *args, **kwargs: Broken())
-    restoring = coldstart.begin_restore(Settings.from_sources(environ=TINY_EAGER).resolved(None))
+    monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: Broken())
+    restoring = begin_restore(Settings.from_sources(environ=TINY_EAGER).resolved(None))
     assert restoring.future is None, "nothing compiles, so nothing is restored"
-    restoring = coldstart.begin_restore(Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"}).resolved(None))
+    restoring = begin_restore(Settings.from_sources(environ={"FLUX_MODEL_SOURCE": "tiny"}).resolved(None))
     report = coldstart.prepare(fresh_engine, CompileSettings(), Broken(), ARTIFACTS, restoring.future)
     assert report.restore.outcome is Outcome.ERROR and "backend bug" in report.restore.detail
     assert calls == ["compile", "warm_up"] and report.eager_fallback_reason is None
@@ -320,7 +322,7 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
         return real_load_pipeline(*args, **kwargs)
 
     fake_compile(monkeypatch, new_graphs=0)
-    monkeypatch.setattr("model.coldstart.choose_backend", lambda *args, **kwargs: Slow())
+    monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: Slow())
     monkeypatch.setattr("model.coldstart.load_pipeline", load_pipeline_seeing_the_restore)
     for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
         monkeypatch.setenv(key, value)
