@@ -471,13 +471,16 @@ def main() -> None:
     }
     card_env = {}
     if args.card:
-        from model.precision import CARDS, choose_precision, choose_text_encoder_precision
+        from model.precision import CARDS, choose_max_megapixels, choose_precision, choose_text_encoder_precision
 
         # Both `auto`s decided for the card, not for the GPU the benchmark runs on: T5's depends on its memory too.
         card = CARDS[args.card]
         precision = choose_precision("auto", card)[0]
         text_encoder_precision = choose_text_encoder_precision("auto", precision, card)[0]
-        card_env = env_for(precision=precision, text_encoder_precision=text_encoder_precision)
+        megapixels = choose_max_megapixels("auto", card)[0]
+        card_env = env_for(
+            precision=precision, text_encoder_precision=text_encoder_precision, max_megapixels=megapixels
+        )
     results = {}
     for name in args.configs.split(","):
         command = [

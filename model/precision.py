@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
+from model.resolutions import DEFAULT_BOUNDS
+
 log = logging.getLogger(__name__)
 
 Precision = Literal["bf16", "fp8", "int8"]
@@ -24,6 +26,10 @@ BF16_PEAK_GIB = 33.8
 HEADROOM_GIB = 4.0
 # float8 tensor cores: Ada (8.9: L4) and Hopper (9.0: H100, H200) on; torchao's fp8 kernels need them.
 FP8_COMPUTE_CAPABILITY = (8, 9)
+# The largest area `max_megapixels: auto` serves where bf16 does not fit (the 24 GB cards). In the L4's profile (fp8,
+# T5 int4, 22 GiB cap) the 2-megapixel decode reserved 18.44 GiB compiled, over the 18 GiB its headroom leaves, and
+# eager peaked 1.4 GiB above compiled at 1 megapixel (BENCHMARKS.md). Every aspect ratio is within it.
+SMALL_CARD_MEGAPIXELS = 1.2
 # Below this even the weight-only int8 transformer beside an int4 T5 was never measured to fit.
 SMALLEST_MEASURED_GIB = 22.0
 
@@ -89,6 +95,17 @@ def choose_precision(requested: PrecisionSetting, gpu: GpuFacts | None) -> tuple
     if gpu.memory_gib < SMALLEST_MEASURED_GIB:
         log.warning("%s has %.1f GiB, less than any card this package was measured on", gpu.name, gpu.memory_gib)
     return "int8", reason
+
+
+def choose_max_megapixels(requested: float | Literal["auto"], gpu: GpuFacts | None) -> tuple[float, str]:
+    """The largest width x height served, in megapixels, and why. An explicit value is kept."""
+    if requested != "auto":
+        return requested, "set explicitly"
+    if gpu is None or holds_bf16(gpu):
+        return DEFAULT_BOUNDS.max_megapixels, "the largest the package serves"
+    return SMALL_CARD_MEGAPIXELS, (
+        f"{gpu.memory_gib:.1f} GiB: the 2-megapixel decode leaves a quantized model less headroom than it needs"
+    )
 
 
 def compiles_at(precision: Precision) -> tuple[bool, str]:

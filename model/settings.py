@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     )
     min_side: Side = Field(BOUNDS.min_side, description="the smallest width or height a request may ask for")
     max_side: Side = Field(BOUNDS.max_side, description="the largest width or height a request may ask for")
-    max_megapixels: Megapixels = Field(BOUNDS.max_megapixels, description="the largest width x height, in megapixels")
+    max_megapixels: Megapixels | Literal["auto"] = Field(
+        "auto", description="the largest width x height, in megapixels: `auto` is 2, and 1.2 where bf16 does not fit"
+    )
     aspect_ratios: AspectRatioRegistry = Field(
         sizes.DEFAULT_ASPECT_RATIOS,
         description=f"each `aspect_ratio` and its size: within {sizes.MEGAPIXEL_TOLERANCE:.0%} of a megapixel and "
@@ -169,7 +171,9 @@ class Settings(BaseSettings):
 
     @property
     def bounds(self) -> sizes.SizeBounds:
-        return sizes.SizeBounds(self.min_side, self.max_side, self.max_megapixels)
+        """Of settings `resolved` for a GPU; before, `auto` counts as the least it can become."""
+        largest = rules.SMALL_CARD_MEGAPIXELS if self.max_megapixels == "auto" else self.max_megapixels
+        return sizes.SizeBounds(self.min_side, self.max_side, largest)
 
     @property
     def sizes(self) -> sizes.ServedSizes:
@@ -181,15 +185,18 @@ class Settings(BaseSettings):
         return CompileSettings(self.compile, self.compile_any_size)
 
     def resolved(self, gpu: rules.GpuFacts | None) -> Settings:
-        """These settings with both `auto` precisions decided for `gpu`, each choice logged with its reason."""
+        """These settings with every `auto` decided for `gpu`, each choice logged with its reason."""
         chosen, reason = rules.choose_precision(self.precision, gpu)
         log.info("precision %s: %s", chosen, reason)
         text_chosen, text_reason = rules.choose_text_encoder_precision(self.text_encoder_precision, chosen, gpu)
         log.info("text_encoder_precision %s: %s", text_chosen, text_reason)
+        megapixels, megapixels_reason = rules.choose_max_megapixels(self.max_megapixels, gpu)
+        log.info("max_megapixels %g: %s", megapixels, megapixels_reason)
         compiles, why_not = rules.compiles_at(chosen)
         if self.compile and not compiles:
             log.warning("compile turned off because precision is %s: %s", chosen, why_not)
-        update = {"precision": chosen, "text_encoder_precision": text_chosen, "compile": self.compile and compiles}
+        update = {"precision": chosen, "text_encoder_precision": text_chosen, "max_megapixels": megapixels}
+        update["compile"] = self.compile and compiles
         return self.model_copy(update=update)
 
     def fingerprint_facts(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ The FLUX_* settings of the environment apply, e.g. FLUX_PRECISION=fp8 runs the s
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.coldstart import DYNAMIC_AREA_LADDER
+from model.precision import CARDS
+from model.resolutions import SIDE_MULTIPLE, Resolution
 from model.settings import Settings
 from tests.harness import CARD_PROFILES, run_state
 
@@ -52,30 +54,20 @@ def test_restart_hits_the_cache(miss_then_hit: tuple[dict, dict]) -> None:
     assert hit["compile_warmup_s"] < miss["compile_warmup_s"]
 
 
-# Since any size up to 2 megapixels is served, its largest runs too, and its VAE decode needs more memory.
-OVER_ITS_HEADROOM_AT_2_MEGAPIXELS = {
-    "L4": "compiled, load()'s 1536x1296 warm-up peaked at 18.44 GiB reserved in the L4 profile on 2026-11-30, over "
-    "its 18 GiB (BENCHMARKS.md); eager at 2 MP was not measured, and eager peaked 1.4 GiB above compiled at 1 MP",
-    "A10G": "it serves eager, which peaked at 16.90 GiB at 1 MP as the L4's did; at 2 MP it was not measured",
-}
+def largest_square(megapixels: float) -> Resolution:
+    """The largest square size within `megapixels`: where the VAE decode's memory peaks."""
+    side = int(math.sqrt(megapixels * 1e6)) // SIDE_MULTIPLE * SIDE_MULTIPLE
+    return Resolution(side, side)
 
 
-@pytest.mark.parametrize(
-    "card",
-    [
-        pytest.param(card, marks=pytest.mark.xfail(reason=OVER_ITS_HEADROOM_AT_2_MEGAPIXELS[card], strict=True))
-        if card in OVER_ITS_HEADROOM_AT_2_MEGAPIXELS
-        else card
-        for card in sorted(CARD_PROFILES)
-    ],
-)
+@pytest.mark.parametrize("card", sorted(CARD_PROFILES))
 def test_a_smaller_card_serves_every_shape_within_its_headroom(card: str) -> None:
-    """Under the card's memory cap and with the precision `auto` picks for it, compiled and eager each load and
-    serve every static size and the largest size allowed at every text length, with the allocator's peak
-    reservation within the profile."""
-    served = Settings.from_sources(environ={})
+    """Under the card's memory cap and with what `auto` picks for it (precisions, max_megapixels), compiled and eager
+    each load and serve every static size and the largest size allowed at every text length, with the allocator's
+    peak reservation within the profile."""
+    served = Settings.from_sources(environ={}).resolved(CARDS[card])
     static = [str(r) for r in served.resolutions]
-    timed = [*static, str(max(DYNAMIC_AREA_LADDER, key=lambda r: r.width * r.height))]
+    timed = [*static, str(largest_square(served.max_megapixels))]
     command = [
         sys.executable,
         "-m",
