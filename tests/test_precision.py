@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from model.model import Model
-from model.precision import CARDS, GpuFacts, choose_precision, choose_text_encoder_precision
+from model.precision import (
+    CARDS,
+    SMALL_CARD_MEGAPIXELS,
+    GpuFacts,
+    choose_precision,
+    choose_text_encoder_precision,
+)
 from model.schema import GenerateRequest
 from model.settings import Settings, SettingsError, config_metadata
 from tests.conftest import TINY_EAGER, decode_jpeg
@@ -58,15 +64,20 @@ def test_an_unknown_precision_lists_the_valid_ones() -> None:
         assert valid in str(raised.value)
 
 
-def test_resolving_auto_changes_the_cache_key_and_precompiles_bf16_only(caplog: pytest.LogCaptureFixture) -> None:
+def test_resolving_auto_changes_the_cache_key_and_the_largest_size(caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings.from_sources(environ={})
     on_h100 = settings.resolved(CARDS["H100"])
     with caplog.at_level(logging.INFO):
         on_l4 = settings.resolved(CARDS["L4"])
     assert (on_h100.precision, on_l4.precision) == ("bf16", "fp8")
-    assert on_h100.compile_settings.precompile and not on_l4.compile_settings.precompile, "measured for bf16 only"
     assert on_h100.fingerprint_facts() != on_l4.fingerprint_facts()
     assert "precision fp8:" in caplog.text
+    assert (on_h100.max_megapixels, on_l4.max_megapixels) == (2.0, SMALL_CARD_MEGAPIXELS)
+    assert "max_megapixels 1.2: 22.0 GiB" in caplog.text
+    assert on_l4.bounds.problem(1536, 1296) is not None and on_h100.bounds.problem(1536, 1296) is None
+    assert all(on_l4.bounds.problem(r.width, r.height) is None for r in on_l4.aspect_ratios.values())
+    explicit = Settings.from_sources(environ={"FLUX_MAX_MEGAPIXELS": "2"}).resolved(CARDS["L4"])
+    assert explicit.max_megapixels == 2.0, "an explicit value is kept"
 
 
 @pytest.mark.parametrize(("transformer", "expected"), [("bf16", "bf16"), ("fp8", "int4"), ("int8", "int4")])
