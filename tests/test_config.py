@@ -10,6 +10,7 @@ import pytest
 import yaml
 from truss.base.truss_config import HealthChecks, TrussConfig
 
+from model.precision import CARDS, SMALL_CARD_MEGAPIXELS
 from model.schema import GenerateRequest
 from model.settings import CONFIG_PATH, Settings
 from tests.truss_server import ROOT, build_app
@@ -78,12 +79,13 @@ def test_readme_table_lists_the_served_sizes() -> None:
 
 
 def test_readme_states_the_size_rule_and_lists_the_aspect_ratios() -> None:
-    sizes = Settings.from_sources(environ={}).sizes
+    sizes = Settings.from_sources(environ={}).resolved(CARDS["H200"]).sizes
     readme = (ROOT / "README.md").read_text()
     assert sizes.aspect_ratios.markdown_table() in readme, (
         "regenerate with settings.sizes.aspect_ratios.markdown_table()"
     )
     assert f"    {sizes.bounds}\n" in readme
+    assert f"at most {SMALL_CARD_MEGAPIXELS:g} megapixels on 24 GB cards" in readme
 
 
 @pytest.fixture(scope="module")
