@@ -146,7 +146,9 @@ class Settings(BaseSettings):
             raise ValueError(f"min_side={self.min_side} is more than max_side={self.max_side}")
         labelled = {f"resolutions {r}": r for r in self.resolutions}
         labelled |= {f"aspect_ratios {n}={r}": r for n, r in self.aspect_ratios.items()}
-        if problem := self.bounds.first_outside(labelled):
+        # Every card must serve them: `auto` counts as the least it can become.
+        least = sizes.SizeBounds(self.min_side, self.max_side, rules.SMALL_CARD_MEGAPIXELS)
+        if problem := (least if self.max_megapixels == "auto" else self.bounds).first_outside(labelled):
             raise ValueError(problem)
         return self
 
@@ -171,9 +173,8 @@ class Settings(BaseSettings):
 
     @property
     def bounds(self) -> sizes.SizeBounds:
-        """Of settings `resolved` for a GPU; before, `auto` counts as the least it can become."""
-        largest = rules.SMALL_CARD_MEGAPIXELS if self.max_megapixels == "auto" else self.max_megapixels
-        return sizes.SizeBounds(self.min_side, self.max_side, largest)
+        """Of settings `resolved` for a GPU; before, `auto` is what it is without a GPU."""
+        return sizes.SizeBounds(self.min_side, self.max_side, rules.choose_max_megapixels(self.max_megapixels, None)[0])
 
     @property
     def sizes(self) -> sizes.ServedSizes:
