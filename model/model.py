@@ -7,6 +7,7 @@ parse requests into GenerateRequest and publish the schema, and string annotatio
 import logging
 import shutil
 import subprocess
+import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException
@@ -50,9 +51,12 @@ class Model:
         if self._restore is None:
             self._restore = begin_restore(settings)
         _log_gpu()
+        started = time.perf_counter()
         from model.coldstart import load_engine  # diffusers and transformers: seconds, beside the restore
 
+        imports_s = time.perf_counter() - started
         self._engine, self.cold_start = load_engine(settings, self._hf_token, self._restore)
+        self.cold_start.imports_s = imports_s
         log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.bounds)
 
     async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
