@@ -130,8 +130,8 @@ class ColdStartReport:
     save: CacheResult | None = None
     compiled: bool = False
     eager_fallback_reason: str | None = None
-    # The engine's imports, when load() made them (the first load() of a process), and the weights: what serving
-    # eagerly needs too.
+    # load() before the weights (the GPU's facts, the restore's start, the engine's imports on a process's first
+    # load()), and the weights: what serving eagerly needs too.
     imports_s: float = 0.0
     weights_s: float = 0.0
     # The part of the restore that load() waited for after the weights were in; restore.seconds is all of it.

@@ -10,6 +10,9 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
+# Imported with the module, as the server starts: load()'s cache key needs it (the device, the versions) before the
+# restore can start, unlike the engine's modules, which load() imports beside the restore.
+import torch  # noqa: F401
 from fastapi import HTTPException
 from starlette.requests import Request
 
@@ -45,13 +48,13 @@ class Model:
         if self._engine is not None:
             log.info("already loaded")
             return
+        started = time.perf_counter()
         # Reading the GPU's facts initialises CUDA here, before the restore's thread starts.
         settings = self._settings.resolved(gpu_facts())
         # A retry after the weights failed joins the restore the failed attempt started, rather than racing it.
         if self._restore is None:
             self._restore = begin_restore(settings)
         _log_gpu()
-        started = time.perf_counter()
         from model.coldstart import load_engine  # diffusers and transformers: seconds, beside the restore
 
         imports_s = time.perf_counter() - started
