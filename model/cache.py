@@ -73,34 +73,32 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def unread_on_a_hit(inductor_dir: Path, precompiled: bool) -> list[Path]:
+def unread_on_a_hit(inductor_dir: Path) -> list[Path]:
     """Directories under the inductor cache that a cache hit never reads, so an archive need not carry them.
 
     - triton/: with bundle_triton_into_fx_graph_cache (on by default) every compiled entry carries its Triton
       kernels, and a hit writes them back here, so archiving it stores each kernel twice.
-    - aotautograd/ and fxgraph/, when every compiled function is precompiled: a hit loads each region's saved
-      function (model.precompile), which carries its own compiled code, and never looks these entries up: they were
-      close to half of the archive (BENCHMARKS.md). A Dynamo compile beside them (the text encoders, or a
-      dynamic-shape graph) reads them on a hit: without them a hit compiled that graph again (86.7 s on an H200).
+    - aotautograd/ and fxgraph/: a hit loads each region's saved function (model.precompile), which carries its own
+      compiled code, and never looks these entries up: they were close to half of the archive (BENCHMARKS.md).
     """
-    names = (["triton"] if triton_kernels_bundled() else []) + (["aotautograd", "fxgraph"] if precompiled else [])
+    names = (["triton"] if triton_kernels_bundled() else []) + ["aotautograd", "fxgraph"]
     return [inductor_dir / name for name in names if (inductor_dir / name).is_dir()]
 
 
-def archived_bytes(inductor_dir: Path, precompiled: bool) -> int:
+def archived_bytes(inductor_dir: Path) -> int:
     """The bytes of the inductor directory that a save archives: all of it but what a hit never reads."""
-    unread = unread_on_a_hit(inductor_dir, precompiled)
+    unread = unread_on_a_hit(inductor_dir)
     return directory_size(inductor_dir) - sum(directory_size(path) for path in unread)
 
 
 @contextmanager
-def set_aside_what_a_hit_never_reads(inductor_dir: Path, precompiled: bool) -> Iterator[None]:
+def set_aside_what_a_hit_never_reads(inductor_dir: Path) -> Iterator[None]:
     """Move what a hit never reads out of the inductor directory while a backend archives it.
 
     Every backend archives the whole directory (b10-transfer offers no filter); moving within one file
     system is instant, and everything comes back afterwards, whatever the save did.
     """
-    unread = unread_on_a_hit(inductor_dir, precompiled)
+    unread = unread_on_a_hit(inductor_dir)
     if not unread:
         yield
         return

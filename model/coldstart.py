@@ -265,17 +265,17 @@ def prepare(
     )
     if report.warmup.compiled_new:
         started = time.perf_counter()
-        report.save = _save(cache, artifacts.inductor_dir, compile_settings.precompile)
+        report.save = _save(cache, artifacts.inductor_dir)
         report.save_s = time.perf_counter() - started
-    report.cache_bytes = _archived_bytes(artifacts.inductor_dir, compile_settings.precompile)
+    report.cache_bytes = _archived_bytes(artifacts.inductor_dir)
     return report
 
 
-def _save(cache: CompileCache, inductor_dir: Path, precompiled: bool) -> CacheResult:
+def _save(cache: CompileCache, inductor_dir: Path) -> CacheResult:
     """Save without what a hit never reads; a failure to move it aside costs the save, never the deployment."""
     saved: CacheResult | None = None
     try:
-        with set_aside_what_a_hit_never_reads(inductor_dir, precompiled):
+        with set_aside_what_a_hit_never_reads(inductor_dir):
             saved = _logged("save", cache.save())
     except Exception as exc:
         if saved is None:
@@ -287,10 +287,10 @@ def _save(cache: CompileCache, inductor_dir: Path, precompiled: bool) -> CacheRe
     return saved
 
 
-def _archived_bytes(inductor_dir: Path, precompiled: bool) -> int:
+def _archived_bytes(inductor_dir: Path) -> int:
     """The size of what a save archives, for the report; 0 when the directory cannot be measured."""
     try:
-        return archived_bytes(inductor_dir, precompiled)
+        return archived_bytes(inductor_dir)
     except Exception as exc:  # e.g. files vanishing during the walk: only a figure in the report is lost
         log.warning("compile cache: could not measure the inductor directory: %r", exc)
         return 0

@@ -1,15 +1,14 @@
 """torch.compile of the transformer's repeated blocks and the VAE's decoder, and the undo that serves eager again.
 
 Each region (a block kind, the decoder) gets a static function, compiled per served shape, and a dynamic-shape one
-for every other size; model.graph_route routes each call to one of them. bf16 compiles ahead of time and saves
-the functions as files (model.precompile), so a cache hit skips Dynamo; the quantized precisions go through Dynamo.
+for every other size; model.graph_route routes each call to one of them. Every function is compiled ahead of time
+and saved as a file (model.precompile), so a cache hit skips Dynamo.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from diffusers import FluxPipeline
@@ -26,8 +25,6 @@ log = logging.getLogger(__name__)
 # denoised no faster on an H200 (BENCHMARKS.md, "compile mode"). Regional compilation (one graph per block kind,
 # shared by its 57 blocks) compiled 2.5 times faster than the whole transformer, at the same latency (same section).
 COMPILE_MODE = "default"
-
-RegionFunction = Callable[..., Any]  # function(module, *args, **kwargs): the class's forward, compiled
 
 
 def _regions(pipe: FluxPipeline, vae: bool = True) -> list[torch.nn.Module]:
@@ -64,9 +61,13 @@ def compile_pipeline(
         torch.compiler.reset()
 
     try:
-        static = _compiled_functions(modules, settings, artifacts, any_size=False)
+        # A hit loads each function instead of tracing it (Dynamo took 22 s for the dynamic one on an H200, and most
+        # of an fp8 hit's 37 s). The dynamic ones are symbolic from their first size: with automatic dynamic shapes
+        # the first graph depends on which sizes were traced before, which a miss (static graphs traced) and a hit
+        # (static graphs loaded from files) do not share.
+        static = precompile.precompiled_regions(modules, artifacts, COMPILE_MODE, any_size=False)
         if settings.any_size:
-            dynamic = _compiled_functions(modules, settings, artifacts, any_size=True)
+            dynamic = precompile.precompiled_regions(modules, artifacts, COMPILE_MODE, any_size=True)
         else:  # the sizes that have no static graph run each class's eager forward
             dynamic = {type(m): type(m).forward for m in modules}
         first_single_block = pipe.transformer.single_transformer_blocks[0]
@@ -78,28 +79,9 @@ def compile_pipeline(
         undo()
         raise
     log.info(
-        "%s the transformer's repeated blocks%s, mode %s; other sizes: %s",
-        "precompiling" if settings.precompile else "compiling",
+        "precompiling the transformer's repeated blocks%s, mode %s; other sizes: %s",
         " and the VAE decode" if settings.vae else "",
         COMPILE_MODE,
         "one dynamic-shape graph" if settings.any_size else "eager",
     )
     return undo
-
-
-def _compiled_functions(
-    modules: list[torch.nn.Module], settings: CompileSettings, artifacts: CompileArtifacts, any_size: bool
-) -> dict[type, RegionFunction]:
-    """One compiled function per class among `modules`, static per shape or, with `any_size`, for any size.
-
-    Precompiled in bf16 (a hit then loads each instead of tracing it: 22 s on an H200 for the dynamic one), else
-    the class's forward under its own torch.compile, whose cache entries Dynamo never hands to another
-    torch.compile's calls (its backend check). The dynamic ones are symbolic from their first size (`dynamic=True`):
-    with automatic dynamic shapes the first graph depends on which sizes were traced before, which a miss (static
-    graphs traced) and a hit (static graphs loaded from files) do not share. Dimensions fixed by the weights'
-    shapes (channels, heads) and the batch of 1 still specialize.
-    """
-    if settings.precompile:
-        return precompile.precompiled_regions(modules, artifacts, COMPILE_MODE, any_size)
-    kinds = dict.fromkeys(type(m) for m in modules)
-    return {kind: torch.compile(kind.forward, mode=COMPILE_MODE, fullgraph=True, dynamic=any_size) for kind in kinds}

@@ -60,7 +60,6 @@ class CompileSettings:
 
     enabled: bool = True
     any_size: bool = True  # one dynamic-shape graph for the sizes without a static one; else they run eager
-    precompile: bool = True  # regions saved as files, so a hit skips Dynamo (model.precompile); bf16 only
     vae: bool = True  # always when serving; tests of the blocks' graphs leave out its slow CPU compile
 
 
@@ -146,9 +145,8 @@ class Settings(BaseSettings):
             raise ValueError(f"min_side={self.min_side} is more than max_side={self.max_side}")
         labelled = {f"resolutions {r}": r for r in self.resolutions}
         labelled |= {f"aspect_ratios {n}={r}": r for n, r in self.aspect_ratios.items()}
-        # Every card must serve them: `auto` counts as the least it can become.
-        least = sizes.SizeBounds(self.min_side, self.max_side, rules.SMALL_CARD_MEGAPIXELS)
-        if problem := (least if self.max_megapixels == "auto" else self.bounds).first_outside(labelled):
+        least = rules.SMALL_CARD_MEGAPIXELS if self.max_megapixels == "auto" else self.max_megapixels  # every card's
+        if problem := sizes.SizeBounds(self.min_side, self.max_side, least).first_outside(labelled):
             raise ValueError(problem)
         return self
 
@@ -181,23 +179,23 @@ class Settings(BaseSettings):
         return sizes.ServedSizes(self.bounds, self.aspect_ratios)
 
     @property
-    def compile_settings(self) -> CompileSettings:
-        """What load() compiles, of settings `resolved` for a GPU."""
+    def compile_settings(self) -> CompileSettings:  # of settings `resolved` for a GPU
         return CompileSettings(self.compile, self.compile_any_size)
 
     def resolved(self, gpu: rules.GpuFacts | None) -> Settings:
         """These settings with every `auto` decided for `gpu`, each choice logged with its reason."""
         chosen, reason = rules.choose_precision(self.precision, gpu)
-        log.info("precision %s: %s", chosen, reason)
-        text_chosen, text_reason = rules.choose_text_encoder_precision(self.text_encoder_precision, chosen, gpu)
-        log.info("text_encoder_precision %s: %s", text_chosen, text_reason)
-        megapixels, megapixels_reason = rules.choose_max_megapixels(self.max_megapixels, gpu)
-        log.info("max_megapixels %g: %s", megapixels, megapixels_reason)
+        decided = {
+            "precision": (chosen, reason),
+            "text_encoder_precision": rules.choose_text_encoder_precision(self.text_encoder_precision, chosen, gpu),
+            "max_megapixels": rules.choose_max_megapixels(self.max_megapixels, gpu),
+        }
+        for key, (value, why) in decided.items():
+            log.info("%s %s: %s", key, value, why)
         compiles, why_not = rules.compiles_at(chosen)
         if self.compile and not compiles:
             log.warning("compile turned off because precision is %s: %s", chosen, why_not)
-        update = {"precision": chosen, "text_encoder_precision": text_chosen, "max_megapixels": megapixels}
-        update["compile"] = self.compile and compiles
+        update = {key: value for key, (value, _) in decided.items()} | {"compile": self.compile and compiles}
         return self.model_copy(update=update)
 
     def fingerprint_facts(self) -> dict[str, Any]:

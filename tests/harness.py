@@ -29,9 +29,9 @@ NO_BODY = Request({"type": "http", "headers": []})
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 EVERY_SIZE = "COLD_START_EVERY_SIZE"  # set: the child also serves every aspect ratio, not only the static sizes
 PROFILE = "COLD_START_PROFILE"  # a file path: the child runs under cProfile and writes its statistics there
-# JSON of CompileSettings fields a process compiles with, e.g. {"precompile": false}: Dynamo's path, which the
-# quantized precisions take, tested on a CPU where they cannot run. tests/fault_injection/sitecustomize.py applies it
-# in every process started with `with_fault_injection`.
+# JSON of CompileSettings fields a process compiles with, e.g. {"vae": false}: the VAE decoder's CPU compile is the
+# slowest, and tests of the blocks' graphs leave it out. tests/fault_injection/sitecustomize.py applies it in every
+# process started with `with_fault_injection`.
 COMPILE_OVERRIDES = "HARNESS_COMPILE_SETTINGS"
 FAULT_INJECTION = Path(__file__).resolve().parent / "fault_injection"
 

@@ -76,11 +76,8 @@ def test_local_miss_save_then_hit_restores_every_file(tmp_path: Path, inductor: 
     assert contents(fresh) == files
 
 
-@pytest.mark.parametrize("precompiled", [True, False])
 @pytest.mark.parametrize("bundled", [True, False])
-def test_an_archive_leaves_out_only_what_a_hit_never_reads(
-    tmp_path: Path, inductor: Path, bundled: bool, precompiled: bool
-) -> None:
+def test_an_archive_leaves_out_only_what_a_hit_never_reads(tmp_path: Path, inductor: Path, bundled: bool) -> None:
     from torch._inductor import config
 
     files = fill_with(inductor, {"precompiled/key/Block.forward-1.bin": os.urandom(2048), "ab/kernel.so": b"so"})
@@ -88,14 +85,14 @@ def test_an_archive_leaves_out_only_what_a_hit_never_reads(
     graph_entries = fill_with(inductor, {"aotautograd/ab/entry": os.urandom(1024), "fxgraph/cd/entry": b"g"})
     cache = local(tmp_path, inductor)
     with config.patch(bundle_triton_into_fx_graph_cache=bundled):
-        with set_aside_what_a_hit_never_reads(inductor, precompiled):
+        with set_aside_what_a_hit_never_reads(inductor):
             assert cache.save().outcome is Outcome.SAVED
-        archived = archived_bytes(inductor, precompiled)
+        archived = archived_bytes(inductor)
     assert contents(inductor) == files | kernels | graph_entries, "everything is back after the save"
 
     fresh = tmp_path / "fresh-inductor"
     assert LocalDirectoryCache(tmp_path / "store", CompileArtifacts(fresh, "k1")).restore().outcome is Outcome.HIT
-    expected = files | ({} if bundled else kernels) | ({} if precompiled else graph_entries)
+    expected = files | ({} if bundled else kernels)
     assert contents(fresh) == expected
     assert archived == sum(map(len, contents(fresh).values()))
     assert not list(tmp_path.glob(".set-aside-*")), "nothing is left beside the inductor directory"
@@ -108,7 +105,7 @@ def test_what_was_set_aside_comes_back_when_the_save_raises(inductor: Path) -> N
     with (
         config.patch(bundle_triton_into_fx_graph_cache=True),
         pytest.raises(OSError),
-        set_aside_what_a_hit_never_reads(inductor, precompiled=True),
+        set_aside_what_a_hit_never_reads(inductor),
     ):
         assert not (inductor / "triton").exists() and not (inductor / "aotautograd").exists()
         raise OSError(errno.ENOSPC, "No space left on device")

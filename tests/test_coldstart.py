@@ -173,13 +173,11 @@ def test_load_retried_after_a_failure_serves(monkeypatch: pytest.MonkeyPatch) ->
 # --- faults outside the cache and the compiler ----------------------------------------------------
 
 
-@pytest.mark.parametrize("precompile", [False, True], ids=["torch.compile", "precompile"])
 def test_compile_raising_halfway_leaves_nothing_compiled(
     monkeypatch: pytest.MonkeyPatch,
     fresh_engine: FluxEngine,
     engine: FluxEngine,
     caplog: pytest.LogCaptureFixture,
-    precompile: bool,
 ) -> None:
     pipe = fresh_engine.pipe
     routed_before_the_failure: list[torch.nn.Module] = []
@@ -192,7 +190,7 @@ def test_compile_raising_halfway_leaves_nothing_compiled(
         routed_before_the_failure.append(module)
 
     monkeypatch.setattr(compile_module, "route", route_half_then_fail)
-    report = coldstart.prepare(fresh_engine, CompileSettings(precompile=precompile), NoCache(), ARTIFACTS)
+    report = coldstart.prepare(fresh_engine, CompileSettings(), NoCache(), ARTIFACTS)
     assert routed_before_the_failure, "the fault came after some modules were routed"
     assert "compiler failed halfway" in report.eager_fallback_reason and not report.compiled
     assert "COMPILE FAILED, serving EAGER" in caplog.text
@@ -224,7 +222,7 @@ def _failing_move(when: str) -> Callable[[Path, bool], contextlib.AbstractContex
     """A stand-in for set_aside_what_a_hit_never_reads whose move `aside` or `back` fails as a full disk would."""
 
     @contextlib.contextmanager
-    def move(directory: Path, precompiled: bool) -> Iterator[None]:
+    def move(directory: Path) -> Iterator[None]:
         if when == "aside":
             raise OSError(28, "No space left on device")
         yield
@@ -257,7 +255,7 @@ def test_measuring_the_archive_failing_still_serves(
 ) -> None:
     model = _compiled_tiny_model(monkeypatch, RecordingCache())
 
-    def vanished(directory: Path, precompiled: bool) -> int:
+    def vanished(directory: Path) -> int:
         raise FileNotFoundError(2, "No such file or directory", str(directory / "fxgraph" / "entry"))
 
     monkeypatch.setattr(coldstart, "archived_bytes", vanished)

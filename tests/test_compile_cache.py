@@ -28,35 +28,29 @@ ENV = {
     "FLUX_TEXT_LENGTHS": "256",
     "FLUX_COMPILE_ANY_SIZE": "0",
 }
-# The default's two served sizes prove that no size recompiles; Dynamo's own compile (no precompiled functions,
-# as fp8 and int8 serve) runs on one, without the VAE decoder: its CPU compile is the slowest (41 s a size), and
-# the default's covers it.
-SIZES = {"default": ["256x256", "512x256"], "no_precompile": ["256x256"]}
-WITHOUT_VAE = {"no_precompile": {COMPILE_OVERRIDES: json.dumps({"precompile": False, "vae": False})}}
+# Two served sizes prove that no size recompiles.
+SIZES = ["256x256", "512x256"]
+
+
+# Functions compiled per served shape: the two block kinds and the VAE decoder.
+REGIONS_PER_SHAPE = 3
 
 
 class MissThenHit(NamedTuple):
     miss: dict
     hit: dict
     sizes: list[str]
-    regions_per_shape: int  # the two block kinds, and the VAE decoder where it compiles
 
 
-@pytest.fixture(scope="module", params=list(SIZES))
-def miss_then_hit(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> MissThenHit:
-    workdir: Path = tmp_path_factory.mktemp(f"cold-start-{request.param}")
-    sizes = SIZES[request.param]
-    env = {
-        **ENV,
-        **WITHOUT_VAE.get(request.param, {}),
-        "FLUX_RESOLUTIONS": ",".join(sizes),
-    }
-    regions = 2 if request.param in WITHOUT_VAE else 3
-    return MissThenHit(run_state("miss", workdir, env), run_state("hit", workdir, env), sizes, regions)
+@pytest.fixture(scope="module")
+def miss_then_hit(tmp_path_factory: pytest.TempPathFactory) -> MissThenHit:
+    workdir: Path = tmp_path_factory.mktemp("cold-start")
+    env = {**ENV, "FLUX_RESOLUTIONS": ",".join(SIZES)}
+    return MissThenHit(run_state("miss", workdir, env), run_state("hit", workdir, env), SIZES)
 
 
 def compiled_regions(state: dict) -> int:
-    """Graphs Inductor compiled, or functions compiled ahead of time (bf16)."""
+    """Graphs Inductor compiled, or functions compiled ahead of time."""
     return state["new_graphs"] + state["precompiled"]
 
 
@@ -65,7 +59,7 @@ def test_miss_compiles_and_saves(miss_then_hit: MissThenHit) -> None:
     assert miss["restore"] == "miss"
     # One graph per served shape for each repeated block kind and for the VAE decode where it compiles, however many
     # blocks.
-    assert compiled_regions(miss) == miss_then_hit.regions_per_shape * len(miss_then_hit.sizes)
+    assert compiled_regions(miss) == REGIONS_PER_SHAPE * len(miss_then_hit.sizes)
     assert miss["save"] == "saved" and miss["cache_bytes"] > 0
     assert miss["eager_fallback"] is None
 

@@ -1,6 +1,6 @@
 """On a CUDA GPU: the full-size architecture (random bf16 weights) compiles, serves and restarts from the cache.
 
-The FLUX_* settings of the environment apply, e.g. FLUX_PRECISION=fp8 runs the same checks through Dynamo's path.
+The FLUX_* settings of the environment apply, e.g. FLUX_PRECISION=fp8 runs the same checks in fp8.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def test_each_fingerprint_keeps_its_own_functions(
         before = counters()
         # Without the VAE, which compiles slowest on a CPU and would show nothing more here.
         artifacts = CompileArtifacts(tmp_path, key)
-        undo = compile_pipeline(pipe, CompileSettings(precompile=True, vae=False), shapes=1, artifacts=artifacts)
+        undo = compile_pipeline(pipe, CompileSettings(vae=False), shapes=1, artifacts=artifacts)
         engine.run(job)
         undo()
         # The double block and the single block; nothing loaded from the other fingerprint.
