@@ -1,8 +1,9 @@
-"""load()'s sequence: restore the compile cache, load the weights, compile, warm up every served shape, check
-that a size never warmed up compiles nothing, save when new, capture the text encoders.
+"""load()'s sequence once the compile cache's restore has started (model.restore): load the weights, compile,
+warm up every served shape, check that a size never warmed up compiles nothing, save when new, capture the text
+encoders.
 
-The restore needs only the cache key, not the weights, so it runs on a thread while the weights load
-(`begin_restore`), and `prepare` joins it before compiling.
+While the weights load, a thread joins the restore and, on a hit, reads every precompiled function from its file;
+`prepare` joins that thread before compiling.
 
 Neither the cache nor the compiler can fail a deployment: cache problems are logged and cost a
 compile from scratch; a compile or warm-up failure falls back to eager with a loud log.
@@ -134,7 +135,8 @@ class ColdStartReport:
     # load()), and the weights: what serving eagerly needs too.
     imports_s: float = 0.0
     weights_s: float = 0.0
-    # The part of the restore that load() waited for after the weights were in; restore.seconds is all of it.
+    # The part of the restore and its read-ahead that load() waited for after the weights were in; restore.seconds
+    # is all of the restore.
     restore_s: float = 0.0
     compile_warmup_s: float = 0.0
     save_s: float = 0.0
@@ -341,8 +343,8 @@ def warm_up(
     dynamic_shapes: list[tuple[Resolution, int]] | None = None,
     static: bool = True,
 ) -> WarmupReport:
-    """Run every served resolution at every compiled text length (unless not `static`), then `dynamic_shapes`,
-    logging progress.
+    """Run every served resolution at every compiled text length (with `static`), then `dynamic_shapes`, logging
+    progress.
 
     A shape runs `runs_per_shape` times when its first run compiled something new, and once otherwise.
     """

@@ -78,8 +78,8 @@ class PrecompiledRegion:
         self.any_size = any_size
         inductor_options = {
             **inductor_mode_options(mode),
-            # Parameters are inputs, not constants, so one function serves every block of a kind. The signature
-            # checked in __call__ covers the tensor guards; the others (module identity) cannot be saved.
+            # Parameters are inputs, not constants, so one function serves every block of a kind: only the call's
+            # own inputs keep guards (compat.keep_input_guards), and __call__ keys them by signature.
             "guard_filter_fn": functools.partial(keep_input_guards, owner=_first_argument(function), shapes=any_size),
         }
         with aot_compile_enabled():
