@@ -50,6 +50,12 @@ def summary(results: dict[str, dict], backend: str) -> dict:
         "hit_added_to_load_s": results["hit"]["added_to_load_s"],
         "miss_added_to_load_s": results["miss"]["added_to_load_s"],
     }
+    # A hit's first request at each size against the miss's, which ran with every kernel long loaded: the largest
+    # ratio per hit says whether a hit left anything for the first request to load.
+    out["first_request_over_miss"] = [
+        round(max(hit["request_s"][size] / seconds for size, seconds in results["miss"]["request_s"].items()), 3)
+        for hit in results["hits"]
+    ]
     miss, hit = results["miss"]["compile_warmup_s"], results["hit"]["compile_warmup_s"]
     out["hit_over_miss"] = round(hit / miss, 3)
     if "eager" in results:
@@ -112,7 +118,7 @@ def main() -> None:
             profile = args.profile / f"hit-{backend}-{replica}.prof" if args.profile else None
             hits.append(run_state("hit", workdir, backend_env, backend, replica, args.every_size, profile))
             print(json.dumps(hits[-1]), flush=True)
-        results["hit"] = hits[0]
+        results["hit"], results["hits"] = hits[0], hits
         for state in MEGA_STATES if args.mega and backend == "local" else ():
             results[state] = run_state(state, workdir, backend_env, backend)
             print(json.dumps(results[state]), flush=True)
