@@ -154,6 +154,8 @@ def preload(directory: Path) -> int:
     """
     count = 0
     for path in sorted(directory.glob("*.bin")):
+        if path in _PRELOADED:  # read by an earlier load() of this process that failed later
+            continue
         try:
             _PRELOADED[path] = _read(path)
             count += 1
