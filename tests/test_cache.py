@@ -1,14 +1,18 @@
-"""Compile-cache backends: round trips, the b10-transfer status table, and every fault, injected."""
+"""Compile-cache backends: round trips, the b10-transfer status table, every fault, injected, and a partial hit
+through the real b10-transfer with the real compiler."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 import sys
 import tarfile
 import threading
 import time
 import types
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -467,3 +471,78 @@ def test_real_b10_transfer_works_exactly_where_auto_picks_it(
     picked = choose_backend("auto", CompileArtifacts(b10fs.inductor, "spelling"), tmp_path)
     outcome = B10TransferCache(CompileArtifacts(b10fs.inductor, "spelling"), root=b10fs.root).restore().outcome
     assert isinstance(picked, B10TransferCache) is (outcome is not Outcome.ERROR), (value, outcome)
+
+
+# --- a partial hit through the real b10-transfer ---------------------------------------------------
+
+# No VAE compile keeps each start's compile short on a CPU.
+PARTIAL_ENV = {
+    "FLUX_TEXT_LENGTHS": "256",
+    "FLUX_COMPILE_ANY_SIZE": "0",
+}
+
+
+def start(resolutions: str, key: str, b10fs_root: str) -> dict:
+    """One cold start in this fresh process: load()'s sequence for `resolutions`, under a fixed cache key.
+
+    The key stays the same while the served set grows, as when an archive lacks a graph its configuration needs.
+    """
+    from model.artifacts import CompileArtifacts
+    from model.cache import B10TransferCache
+    from model.coldstart import prepare
+    from model.compat import inductor_cache_dir
+    from model.engine import FluxEngine
+    from model.pipeline import load_pipeline
+    from model.settings import CompileSettings, Settings
+
+    settings = Settings.from_sources(
+        environ={"FLUX_MODEL_SOURCE": "tiny", **PARTIAL_ENV, "FLUX_RESOLUTIONS": resolutions}
+    )
+    engine = FluxEngine(load_pipeline(settings, device="cpu"), settings.resolutions, settings.text_lengths)
+    artifacts = CompileArtifacts(inductor_cache_dir(), key)
+    cache = B10TransferCache(artifacts, root=Path(b10fs_root))
+    # Without the VAE, whose CPU compile is the slowest and adds nothing to what this checks.
+    report = prepare(engine, CompileSettings(vae=False, any_size=False), cache, artifacts)
+    return {
+        "restore": report.restore.outcome.value,
+        "save": report.save.outcome.value if report.save else None,
+        "precompiled": report.warmup.compiled.precompiled,
+        "precompiled_loaded": report.warmup.compiled.precompiled_loaded,
+        "generations": cache.stored_generations(),
+    }
+
+
+def start_in_a_fresh_process(resolutions: str, b10fs: types.SimpleNamespace) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"/tmp/inductor-partial-{uuid.uuid4().hex[:12]}"}
+    code = "import json, sys; from tests.test_cache import start; print(json.dumps(start(*sys.argv[1:])))"
+    output = subprocess.run(
+        [sys.executable, "-c", code, resolutions, "partial", str(b10fs.root)],
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return json.loads(output.stdout.splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_partial_hit_reaches_the_volume_and_the_next_start_compiles_nothing(
+    b10fs: types.SimpleNamespace,
+) -> None:
+    first = start_in_a_fresh_process("256x256", b10fs)
+    assert (first["restore"], first["save"], first["generations"]) == ("miss", "saved", [0])
+
+    # The archive lacks 512x256: this start restores it, compiles only the missing shape, and saves it.
+    second = start_in_a_fresh_process("256x256,512x256", b10fs)
+    assert second["restore"] == "hit"
+    assert second["precompiled_loaded"] == first["precompiled"] > 0, "256x256 came from the archive"
+    assert second["precompiled"] == first["precompiled"], "only 512x256's regions were compiled"
+    assert second["save"] == "saved", "b10-transfer alone would have answered SKIPPED"
+    assert second["generations"] == [1, 0]
+
+    third = start_in_a_fresh_process("256x256,512x256", b10fs)
+    assert third["restore"] == "hit"
+    assert third["precompiled"] == 0, "every shape came from the newest generation"
+    assert third["precompiled_loaded"] == first["precompiled"] + second["precompiled"]
+    assert third["save"] is None
