@@ -191,17 +191,21 @@ def _preloaded_after(restore: PendingRestore) -> Future[CacheResult] | None:
 
     def then_preload() -> CacheResult:
         result = joined(restoring)
-        if result.outcome is Outcome.HIT:
+        if result.outcome is not Outcome.HIT:
+            return result
+        started = time.perf_counter()
+        try:
             if device is not None:
                 torch.cuda.set_device(device)  # the kernels load into the serving device's context
-            started = time.perf_counter()
             # Under the mode the engine serves in: a function read outside it builds guards for tensors outside
             # inference mode, and refuses every call (one compiled for any size then compiles again).
             with torch.inference_mode():
                 count = precompile.preload(directory)
-            log.info(
-                "read %d precompiled functions in %.1f s, beside the weights", count, time.perf_counter() - started
-            )
+        except Exception as exc:  # the restore still hit: each function is read at its first call instead
+            log.warning("reading the precompiled functions ahead failed, each is read when first called: %r", exc)
+        else:
+            seconds = time.perf_counter() - started
+            log.info("read %d precompiled functions in %.1f s, beside the weights", count, seconds)
         return result
 
     return on_a_thread(then_preload, "precompiled-preload")

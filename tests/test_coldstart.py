@@ -329,6 +329,28 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
     assert model.cold_start.restore.outcome is Outcome.MISS
 
 
+def test_reading_ahead_failing_leaves_the_hit_a_hit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Hit(NoCache):
+        def restore(self) -> CacheResult:
+            return CacheResult(Outcome.HIT, "restored")
+
+    def broken(directory: Path) -> int:
+        raise OSError("the disk went away")
+
+    fake_compile(monkeypatch, new_graphs=0)
+    monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: Hit())
+    monkeypatch.setattr("model.precompile.preload", broken)
+    for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    model = Model(config={"model_metadata": config_metadata()})
+    model.load()
+    assert model.cold_start.restore.outcome is Outcome.HIT and model.cold_start.compiled
+    assert "reading the precompiled functions ahead failed" in caplog.text
+    assert model.predict(REQUEST, NO_BODY).width == 1216
+
+
 def test_a_retried_load_joins_the_restore_the_failed_attempt_started(monkeypatch: pytest.MonkeyPatch) -> None:
     class CountingCache(RecordingCache):
         def __init__(self) -> None:
