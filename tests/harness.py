@@ -78,15 +78,16 @@ def b10_transfer_env(scratch: Path) -> dict[str, str]:
 
 def child(state: str, workdir: Path) -> dict:
     """Runs inside the fresh process: load, then prove no request compiles, and report."""
-    # Only what the server imports before load(): load() imports the engine's modules beside the cache restore.
+    # Only what the server imports before load() (model.model imports torch): load() imports the engine's modules
+    # beside the cache restore.
+    import torch
+
     from model.model import Model
     from model.settings import Settings, config_metadata
 
     mega_file = workdir / "mega.bin"
     mega_load_s = 0.0
     if state == "mega-hit":
-        import torch
-
         started = time.perf_counter()
         torch.compiler.load_cache_artifacts(mega_file.read_bytes())
         mega_load_s = time.perf_counter() - started
@@ -99,7 +100,6 @@ def child(state: str, workdir: Path) -> dict:
     load_s = time.perf_counter() - started
 
     import numpy as np
-    import torch
     from PIL import Image
 
     from model.coldstart import WARMUP_RUNS, CompileCounters, warm_up
@@ -235,8 +235,8 @@ def same_bytes(miss: dict, hits: list[dict]) -> dict:
 
 
 def _profiled_child(state: str, workdir: Path, profile: Path) -> dict:
-    """`child` under cProfile, the interpreter's imports included; the statistics go to `profile`, and the 40
-    entries with the most cumulative time to `profile`.txt."""
+    """`child` under cProfile, the imports it makes included; the statistics go to `profile`, and the 40 entries
+    with the most cumulative time to `profile`.txt."""
     import cProfile
     import pstats
 

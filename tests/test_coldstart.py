@@ -209,9 +209,10 @@ class RecordingCache(NoCache):
         return CacheResult(Outcome.SAVED, "saved")
 
 
-def _compiled_tiny_model(monkeypatch: pytest.MonkeyPatch, cache: RecordingCache) -> Model:
-    """The tiny model with compile on, the compiler faked and a warm-up that compiled something new to save."""
-    fake_compile(monkeypatch, new_graphs=1)
+def _compiled_tiny_model(monkeypatch: pytest.MonkeyPatch, cache: RecordingCache, new_graphs: int = 1) -> Model:
+    """The tiny model with compile on, the compiler faked and a warm-up that compiled `new_graphs` (by default
+    something new to save)."""
+    fake_compile(monkeypatch, new_graphs=new_graphs)
     monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: cache)
     for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
         monkeypatch.setenv(key, value)
@@ -306,7 +307,7 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
 
     restore_started, weights_loading = threading.Event(), threading.Event()
 
-    class Slow(NoCache):
+    class Slow(RecordingCache):
         def restore(self) -> CacheResult:
             restore_started.set()
             assert weights_loading.wait(timeout=30), "the weights never started while the restore ran"
@@ -319,12 +320,8 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
         weights_loading.set()
         return real_load_pipeline(*args, **kwargs)
 
-    fake_compile(monkeypatch, new_graphs=0)
-    monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: Slow())
+    model = _compiled_tiny_model(monkeypatch, Slow(), new_graphs=0)
     monkeypatch.setattr("model.coldstart.load_pipeline", load_pipeline_seeing_the_restore)
-    for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    model = Model(config={"model_metadata": config_metadata()})
     model.load()
     assert model.cold_start.restore.outcome is Outcome.MISS
 
@@ -332,19 +329,15 @@ def test_the_restore_runs_while_the_weights_load(monkeypatch: pytest.MonkeyPatch
 def test_reading_ahead_failing_leaves_the_hit_a_hit(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class Hit(NoCache):
+    class Hit(RecordingCache):
         def restore(self) -> CacheResult:
             return CacheResult(Outcome.HIT, "restored")
 
     def broken(directory: Path) -> int:
         raise OSError("the disk went away")
 
-    fake_compile(monkeypatch, new_graphs=0)
-    monkeypatch.setattr("model.restore.choose_backend", lambda *args, **kwargs: Hit())
+    model = _compiled_tiny_model(monkeypatch, Hit(), new_graphs=0)
     monkeypatch.setattr("model.precompile.preload", broken)
-    for key, value in {**TINY_EAGER, "FLUX_COMPILE": "1"}.items():
-        monkeypatch.setenv(key, value)
-    model = Model(config={"model_metadata": config_metadata()})
     model.load()
     assert model.cold_start.restore.outcome is Outcome.HIT and model.cold_start.compiled
     assert "reading the precompiled functions ahead failed" in caplog.text
