@@ -44,6 +44,20 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
+def card_env(card: str) -> dict[str, str]:
+    """The FLUX_* environment of what every `auto` decides on `card` (an L4, an A10G, ...), not on the GPU the
+    benchmark runs on: T5's precision depends on the card's memory too."""
+    from model.precision import CARDS, choose_max_megapixels, choose_precision, choose_text_encoder_precision
+
+    facts = CARDS[card]
+    precision = choose_precision("auto", facts)[0]
+    return env_for(
+        precision=precision,
+        text_encoder_precision=choose_text_encoder_precision("auto", precision, facts)[0],
+        max_megapixels=choose_max_megapixels("auto", facts)[0],
+    )
+
+
 def config_env(name: str) -> dict[str, str]:
     """The FLUX_* environment of a named configuration, or of several joined by "+" (later ones win)."""
     overrides: dict[str, Any] = {}

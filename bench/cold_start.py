@@ -7,6 +7,7 @@
     python -m bench.cold_start --mega               # also torch's Mega-Cache, for comparison
     python -m bench.cold_start --config dynamic     # a named configuration of bench.CONFIGS
     python -m bench.cold_start --model full-random --skip-eager --hits 2 --every-size   # same bytes on every replica
+    python -m bench.cold_start --model full-random --card L4 --skip-eager   # as an L4 would: its cap and `auto`s
     python -m bench.cold_start --profile DIR        # each hit also under cProfile: DIR/hit-N.prof and .prof.txt
 
 Each state runs in its own process with its own empty TorchInductor directory; "hit" restores
@@ -26,8 +27,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from bench import config_env
-from tests.harness import b10_transfer_env, run_state, same_bytes
+from bench import card_env, config_env
+from tests.harness import CARD_PROFILES, MEMORY_CAP, b10_transfer_env, run_state, same_bytes
 
 BACKENDS = ("local", "b10-transfer")
 MEGA_STATES = ("mega-miss", "mega-hit")
@@ -84,6 +85,11 @@ def main() -> None:
     parser.add_argument(
         "--every-size", action="store_true", help="serve every aspect ratio too, not only the static sizes"
     )
+    parser.add_argument(
+        "--card",
+        choices=sorted(CARD_PROFILES),
+        help="stand in for this card: its memory cap, and what each `auto` picks on it (before --config)",
+    )
     parser.add_argument("--profile", type=Path, help="a directory: profile each hit there with cProfile")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -92,6 +98,8 @@ def main() -> None:
         env = {"FLUX_MODEL_SOURCE": args.model}
     else:  # the weights-mount branch of the loader, as a deployment reads its `weights:` mount
         env = {"FLUX_MODEL_SOURCE": "hf", "FLUX_WEIGHTS_PATH": str(Path(args.model).resolve())}
+    if args.card:
+        env.update(card_env(args.card), **{MEMORY_CAP: str(CARD_PROFILES[args.card].cap_gib)})
     env.update(config_env(args.config))
     if args.resolutions:
         env["FLUX_RESOLUTIONS"] = args.resolutions

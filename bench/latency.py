@@ -26,8 +26,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import config_env, env_for, psnr_db
-from tests.harness import CARD_PROFILES, log_to_stderr
+from bench import card_env, config_env, psnr_db
+from tests.harness import CARD_PROFILES, cap_memory, log_to_stderr
 
 # The arithmetic floor at 1024x1024, 4 steps: about 69.5 TFLOP per transformer step at the H200's bf16 (or fp8)
 # matmul rate, plus VAE and T5.
@@ -222,11 +222,7 @@ def child(
 
     cuda = torch.cuda.is_available()
     if memory_cap_gib is not None:
-        if not cuda:
-            raise SystemExit("--memory-cap needs a CUDA GPU")
-        # What a smaller card leaves this process: the caching allocator refuses to reserve beyond the fraction.
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gib * 2**30 / total))
+        cap_memory(memory_cap_gib)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -469,18 +465,7 @@ def main() -> None:
         # The `prompt_cache` configuration measures the cache.
         "FLUX_PROMPT_CACHE_MB": "0",
     }
-    card_env = {}
-    if args.card:
-        from model.precision import CARDS, choose_max_megapixels, choose_precision, choose_text_encoder_precision
-
-        # Both `auto`s decided for the card, not for the GPU the benchmark runs on: T5's depends on its memory too.
-        card = CARDS[args.card]
-        precision = choose_precision("auto", card)[0]
-        text_encoder_precision = choose_text_encoder_precision("auto", precision, card)[0]
-        megapixels = choose_max_megapixels("auto", card)[0]
-        card_env = env_for(
-            precision=precision, text_encoder_precision=text_encoder_precision, max_megapixels=megapixels
-        )
+    stand_in = card_env(args.card) if args.card else {}
     results = {}
     for name in args.configs.split(","):
         command = [
@@ -508,7 +493,7 @@ def main() -> None:
         # The child's logs stream to stderr as they happen: a run cut short still shows how far it got.
         done = subprocess.run(
             command,
-            env={**base_env, **({} if name == "eager" else card_env), **config_env(name)},
+            env={**base_env, **({} if name == "eager" else stand_in), **config_env(name)},
             stdout=subprocess.PIPE,
             text=True,
             check=False,

@@ -29,6 +29,7 @@ NO_BODY = Request({"type": "http", "headers": []})
 LAUNCHED_AT = "COLD_START_LAUNCHED_AT"  # the parent's clock when it started the child
 EVERY_SIZE = "COLD_START_EVERY_SIZE"  # set: the child also serves every aspect ratio, not only the static sizes
 PROFILE = "COLD_START_PROFILE"  # a file path: the child runs under cProfile and writes its statistics there
+MEMORY_CAP = "COLD_START_MEMORY_CAP_GIB"  # the child's GPU memory is capped to this, as a smaller card's would be
 # JSON of CompileSettings fields a process compiles with, e.g. {"vae": false}: the VAE decoder's CPU compile is the
 # slowest, and tests of the blocks' graphs leave it out. tests/fault_injection/sitecustomize.py applies it in every
 # process started with `with_fault_injection`.
@@ -57,6 +58,17 @@ CARD_PROFILES = {
     "A10G": CardProfile(cap_gib=22.0, limit_gib=18.0),
     "H100_40GB": CardProfile(cap_gib=38.0, limit_gib=36.0),
 }
+
+
+def cap_memory(gib: float) -> None:
+    """Leave this process only `gib` of the GPU, as a smaller card would: the caching allocator refuses to reserve
+    beyond the fraction."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("a memory cap needs a CUDA GPU")
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
 
 
 def log_to_stderr() -> None:
@@ -92,6 +104,8 @@ def child(state: str, workdir: Path) -> dict:
         torch.compiler.load_cache_artifacts(mega_file.read_bytes())
         mega_load_s = time.perf_counter() - started
 
+    if MEMORY_CAP in os.environ:
+        cap_memory(float(os.environ[MEMORY_CAP]))
     model = Model(config={"model_metadata": config_metadata()})
     if state == "miss" and os.environ.get("FLUX_CACHE_BACKEND") == "b10-transfer":
         _forget_b10_archives(Settings.from_sources())
@@ -174,6 +188,8 @@ def child(state: str, workdir: Path) -> dict:
             "jpeg_sha256": hashlib.sha256(response.data.encode()).hexdigest()[:16],
         }
     result["graphs_compiled_after_warmup"] = (CompileCounters.now() - before).graphs
+    if torch.cuda.is_available():
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     result["request_s"] = latencies
     result["images"] = images
     return result
