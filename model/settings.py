@@ -32,6 +32,7 @@ DEFAULT_LOCAL_CACHE_DIR = Path.home() / ".cache" / "flux-schnell-truss" / "compi
 PLATFORM_METADATA_KEYS = frozenset({"example_model_input", "tags", "avatar_url", "cover_image_url"})
 
 CacheBackend = Literal["auto", "b10-transfer", "local", "none"]
+MAX_LORA_SLOTS = 4
 
 
 def _comma_separated(value: Any) -> Any:
@@ -129,6 +130,13 @@ class Settings(BaseSettings):
         "auto", description="the compile cache: `auto` (b10-transfer on Baseten), `b10-transfer`, `local`, `none`"
     )
     cache_dir: Path = Field(DEFAULT_LOCAL_CACHE_DIR, description="where the `local` cache keeps its archives")
+    max_loras: int = Field(
+        0,
+        ge=0,
+        le=MAX_LORA_SLOTS,
+        description="LoRA adapters a request may apply; 0 is off, and slots cost every request",
+    )
+    max_lora_rank: int = Field(64, ge=1, le=512, description="the largest rank of an adapter a request may apply")
 
     @classmethod
     def settings_customise_sources(
@@ -203,7 +211,7 @@ class Settings(BaseSettings):
         if "auto" in (self.precision, self.text_encoder_precision):
             # "auto" names no precision: a key made of it would match no server's.
             raise ValueError("the cache key needs a decided precision: use settings.resolved(gpu_facts()) first")
-        return {
+        facts: dict[str, Any] = {
             "model": self.repo_id if self.model_source == "hf" else self.model_source,
             "compile_any_size": self.compile_any_size,
             "precision": self.precision,
@@ -211,6 +219,9 @@ class Settings(BaseSettings):
             "resolutions": [str(r) for r in self.resolutions],
             "text_lengths": list(self.text_lengths),
         }
+        if self.max_loras:  # the slots are in every compiled function; without them the key is what it always was
+            facts["lora_slots"] = [self.max_loras, self.max_lora_rank]
+        return facts
 
 
 def _source_of(key: str, metadata: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[str, Any] | None:

@@ -1,0 +1,158 @@
+"""Files a request names by URL, fetched on the caller's behalf: the one place the server opens a connection a
+request chose.
+
+That is server-side request forgery territory, so by default only https to public addresses is allowed. Every name is
+resolved here and the connection goes to the very address that was checked (a second lookup could answer
+differently), on the first hop and on every redirect. The body is streamed to disk under a size cap and a deadline.
+`allow_private` (the `allow_private_urls` setting) also allows http and loopback or private addresses, for local
+development and tests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+CHUNK_BYTES = 1 << 20
+REDIRECTS = {301, 302, 303, 307, 308}
+
+
+class FetchError(ValueError):
+    """A URL that could not be fetched; the message says why, for the 400 that names the request's field."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int
+    timeout_s: float = 120.0  # the whole fetch, redirects included
+    allow_private: bool = False
+    max_redirects: int = 5
+
+
+def fetch(
+    url: str, destination: Path, policy: FetchPolicy, headers: Mapping[str, str] | None = None, header_host: str = ""
+) -> None:
+    """Write the body at `url` to `destination`. `headers` (a token) go only to `header_host`, never to a host a
+    redirect leads to. Raises FetchError."""
+    deadline = time.monotonic() + policy.timeout_s
+    for _ in range(policy.max_redirects + 1):
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        connection = _connect(url, policy, deadline)
+        try:
+            path = parts.path or "/"
+            sent = dict(headers or {}) if host == header_host else {}
+            connection.request("GET", f"{path}?{parts.query}" if parts.query else path, headers=sent)
+            response = connection.getresponse()
+            if response.status in REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise FetchError(f"{host} answered {response.status} without a Location")
+                url = urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise FetchError(f"{host} answered HTTP {response.status} {response.reason}".rstrip())
+            _stream(response, destination, policy, deadline)
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            raise FetchError(f"could not be fetched from {host}: {_reason(exc)}") from exc
+        finally:
+            connection.close()
+    raise FetchError(f"more than {policy.max_redirects} redirects")
+
+
+def _connect(url: str, policy: FetchPolicy, deadline: float) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    allowed = ("https", "http") if policy.allow_private else ("https",)
+    if scheme not in allowed:
+        hint = "" if policy.allow_private else " (http and private addresses need allow_private_urls)"
+        raise FetchError(f"the scheme must be https, not {scheme or 'none'!r}{hint}")
+    if parts.username is not None or parts.password is not None:
+        raise FetchError("credentials in the URL are not accepted")
+    host = parts.hostname
+    if not host:
+        raise FetchError("the URL names no host")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:
+        raise FetchError(f"the port is not valid: {exc}") from exc
+    address = _checked_address(host, port, policy.allow_private)
+    timeout = max(0.1, deadline - time.monotonic())
+    if scheme == "https":
+        return _PinnedHTTPS(host, port, address, timeout)
+    return _PinnedHTTP(host, port, address, timeout)
+
+
+def _checked_address(host: str, port: int, allow_private: bool) -> str:
+    """The address to connect to: every address `host` resolves to must be public unless `allow_private`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise FetchError(f"the host {host!r} could not be resolved") from exc
+    addresses = [str(info[4][0]) for info in infos]
+    if not allow_private:
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not ip.is_global or ip.is_multicast:
+                raise FetchError(
+                    f"{host} resolves to {address}, a private, loopback or reserved address (allowed only with "
+                    "allow_private_urls)"
+                )
+    if not addresses:
+        raise FetchError(f"the host {host!r} has no address")
+    return addresses[0]
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    """An HTTP connection to `address`, checked already, whatever `host` would resolve to now."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """An HTTPS connection to `address`, checked already; the certificate is checked against `host`."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _stream(response: http.client.HTTPResponse, destination: Path, policy: FetchPolicy, deadline: float) -> None:
+    declared = response.getheader("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
+        raise FetchError(f"the file is {int(declared)} bytes, over the limit of {policy.max_bytes}")
+    received = 0
+    with destination.open("wb") as out:
+        # read1: one receive at a time, so a server trickling bytes cannot hold a read past the deadline.
+        while chunk := response.read1(CHUNK_BYTES):
+            received += len(chunk)
+            if received > policy.max_bytes:
+                raise FetchError(f"the file is over the limit of {policy.max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise FetchError(f"the download took over {policy.timeout_s:.0f} s")
+            out.write(chunk)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or exc})"
+    return str(exc) or type(exc).__name__
