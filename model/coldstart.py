@@ -18,8 +18,10 @@ from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import FluxPipeline
 
 from model import precompile
+from model.adapters import AdapterStore
 from model.artifacts import CompileArtifacts
 from model.cache import (
     CacheResult,
@@ -31,12 +33,13 @@ from model.cache import (
 from model.compat import compile_counts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine, Job
+from model.lora import LoraSlots
 from model.optimize import block_hook, configure_process, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
 from model.prompt_cache import PromptEmbeddingCache
 from model.resolutions import Resolution
 from model.restore import PendingRestore, joined, on_a_thread
-from model.settings import CompileSettings, Settings
+from model.settings import LORA_DIR, CompileSettings, Settings
 from model.text_graphs import capture_text_encoders
 
 log = logging.getLogger(__name__)
@@ -168,13 +171,35 @@ def load_engine(
     )
     optimize(pipe)
     prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
-    engine = FluxEngine(pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache)
+    slots, adapters = _lora(pipe, settings, hf_token)
+    engine = FluxEngine(
+        pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache, slots, adapters
+    )
     weights_s = time.perf_counter() - started
     report = prepare(engine, settings.compile_settings, restore.cache, restore.artifacts, restoring)
     report.weights_s = weights_s
     # After the warm-up, so that the encoders are captured as they serve.
     engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
     return engine, report
+
+
+def _lora(pipe: FluxPipeline, settings: Settings, hf_token: str | None) -> tuple[LoraSlots | None, AdapterStore | None]:
+    """The LoRA slots, before anything compiles (every compiled function includes them), and the adapters' store;
+    neither where max_loras is 0."""
+    if not settings.max_loras:
+        return None, None
+    slots = LoraSlots(pipe.transformer, settings.max_loras, settings.max_lora_rank)
+    store = AdapterStore(
+        slots.layers,
+        settings.max_lora_rank,
+        slots.dtype,
+        LORA_DIR,
+        settings.lora_disk_mb * 2**20,
+        settings.lora_presets,
+        settings.allow_private_urls,
+        hf_token,
+    )
+    return slots, store
 
 
 def _preloaded_after(restore: PendingRestore) -> Future[CacheResult] | None:

@@ -11,16 +11,19 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
+from model.adapters import AdapterStore, AppliedAdapter
 from model.compat import unpack_latents
+from model.fetch import FetchError
 from model.graph_route import dynamic_graph
 from model.images import to_base64
+from model.lora import AdapterError, LoraSlots, PreparedAdapter
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
 from model.resolutions import Resolution, ResolutionRegistry, ServedSizes
@@ -29,6 +32,7 @@ from model.schema import (
     DEFAULT_SIDE,
     MAX_SEED,
     SCHNELL_GUIDANCE,
+    AppliedLora,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
@@ -105,6 +109,7 @@ class Job:
     num_outputs: int = 1
     output_format: OutputFormat = "jpeg"
     output_quality: int = DEFAULT_OUTPUT_QUALITY
+    loras: tuple[AppliedAdapter, ...] = ()
 
     @property
     def seeds(self) -> range:
@@ -120,8 +125,13 @@ class FluxEngine:
         text_lengths: Iterable[int],
         sizes: ServedSizes | None = None,
         prompt_cache: PromptEmbeddingCache | None = None,
+        slots: LoraSlots | None = None,
+        adapters: AdapterStore | None = None,
     ) -> None:
         self.pipe = pipe
+        # The transformer's LoRA slots and where a request's adapters come from; None where LoRA is off.
+        self.slots = slots
+        self.adapters = adapters
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
@@ -163,6 +173,16 @@ class FluxEngine:
         fitting = [n for n in self.text_lengths if n >= request.max_sequence_length]
         if not fitting:
             raise InvalidRequest("max_sequence_length", f"must be at most {self.text_lengths[-1]} on this deployment")
+        if request.loras:
+            slots = 0 if self.slots is None else self.slots.count
+            if not slots:
+                raise InvalidRequest(
+                    "loras", "LoRA is off on this deployment: set max_loras (FLUX_MAX_LORAS) to 1 or more to serve it"
+                )
+            if len(request.loras) > slots:
+                raise InvalidRequest(
+                    "loras", f"{len(request.loras)} adapters, over this deployment's max_loras of {slots}"
+                )
         if request.guidance_scale != SCHNELL_GUIDANCE:
             self._guidance_resets.record(request.guidance_scale)
         # A random seed leaves room for every image's: the last, seed + num_outputs - 1, is still a valid seed.
@@ -182,13 +202,34 @@ class FluxEngine:
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         job = self.job_for(request)
-        return self.respond(job, self.run(job))
+        job, adapters = self.fetch_adapters(job, request)
+        return self.respond(job, self.run(job, adapters))
+
+    def fetch_adapters(self, job: Job, request: GenerateRequest) -> tuple[Job, list[PreparedAdapter]]:
+        """The request's adapters, fetched and checked before the pipeline's lock: a slow URL stalls no other
+        request, and a bad one is refused before any slot changes."""
+        if not request.loras or self.adapters is None:
+            return job, []
+        applied, prepared = [], []
+        for index, lora in enumerate(request.loras):
+            try:
+                sha, adapter = self.adapters.get(lora.url)
+            except FetchError as exc:
+                raise InvalidRequest(f"loras[{index}].url", str(exc)) from exc
+            except AdapterError as exc:
+                raise InvalidRequest(f"loras[{index}]", f"{lora.url}: {exc}") from exc
+            applied.append(AppliedAdapter(lora.url, lora.scale, sha))
+            prepared.append(adapter)
+        return replace(job, loras=tuple(applied)), prepared
 
     @torch.inference_mode()
-    def run(self, job: Job) -> list[Image.Image]:
-        """The job's images in seed order, one after another, from one text encoding."""
+    def run(self, job: Job, adapters: Sequence[PreparedAdapter] = ()) -> list[Image.Image]:
+        """The job's images in seed order, one after another, from one text encoding, with `adapters` (prepared
+        for `job.loras`) in the LoRA slots."""
         # A size compiled statically runs its own graph; any other runs the dynamic-shape one (model.compile).
         with self._lock, dynamic_graph(not self.is_static(job.resolution)):
+            if self.slots is not None:
+                self.slots.apply([(a.sha256, p, a.scale) for a, p in zip(job.loras, adapters, strict=True)])
             embeds, pooled = self.encode_text(job)
             return [self.decode(self.denoise(job, embeds, pooled, seed), job.resolution) for seed in job.seeds]
 
@@ -251,4 +292,5 @@ class FluxEngine:
             height=job.resolution.height,
             format=job.output_format,
             images=encoded,
+            loras=[AppliedLora(url=a.url, scale=a.scale, sha256=a.sha256) for a in job.loras],
         )

@@ -54,7 +54,12 @@ def slot_names(count: int) -> list[str]:
 def adapted_layers(transformer: torch.nn.Module) -> list[str]:
     """Every linear layer of the transformer, by name: what published FLUX adapters target (attention, feed-forward,
     the single blocks' projections, the norms' linears) and the few outside the blocks."""
-    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    return [
+        name
+        for name, module in transformer.named_modules()
+        # PEFT's own layers (a wrapped layer's base_layer, its lora_A and lora_B) are not targets themselves.
+        if isinstance(module, torch.nn.Linear) and not any(part in name for part in (".base_layer", ".lora_"))
+    ]
 
 
 def prepare(
@@ -133,6 +138,8 @@ class LoraSlots:
             transformer.add_adapter(config, adapter_name=slot)
         transformer.set_adapters(self.names)
         self._modules = {name: transformer.get_submodule(name) for name in self.layers}
+        first = next(iter(self._modules.values()))
+        self.dtype = first.lora_A[self.names[0]].weight.dtype
         # What each slot holds: None for zeros, else an identity of the adapter and its scale.
         self._held: list[object | None] = [object()] * count  # unknown until cleared
         self.clear()

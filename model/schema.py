@@ -34,6 +34,36 @@ MAX_PROMPT_CHARS = 4000
 MAX_BODY_BYTES = 256 * 1024
 # Decimals (msgpack bodies only) of more digits are refused before conversion; valid values have at most 10.
 MAX_INTEGER_DIGITS = 19
+MAX_LORAS = 4  # adapters in one request; a deployment's max_loras may allow fewer
+MAX_LORA_SCALE = 4.0
+MAX_LORA_URL_CHARS = 2048
+
+
+class LoraRequest(BaseModel):
+    """One adapter of a request: where its file is, and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        min_length=1,
+        max_length=MAX_LORA_URL_CHARS,
+        description="An https URL to a .safetensors file, a Hugging Face reference (owner/repo or "
+        "owner/repo/file.safetensors), or a preset name of the deployment.",
+    )
+    scale: float = Field(
+        default=1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        allow_inf_nan=False,
+        description="The adapter's weight; 0 gives the bytes of the same request without it.",
+    )
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _no_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
 
 class GenerateRequest(BaseModel):
@@ -88,6 +118,11 @@ class GenerateRequest(BaseModel):
     )
     output_quality: int = Field(
         default=DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="For jpeg and webp; png is lossless and ignores it."
+    )
+    loras: list[LoraRequest] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRA adapters applied in order, up to the deployment's max_loras (0: LoRA is off).",
     )
 
     @classmethod
@@ -175,6 +210,12 @@ class GeneratedImage(BaseModel):
     seed: int = Field(description="This image's seed: a single-image request with it returns the same bytes.")
 
 
+class AppliedLora(BaseModel):
+    url: str = Field(description="The adapter as the request named it.")
+    scale: float
+    sha256: str = Field(description="The sha256 of the file applied: with the rest of the request, the same bytes.")
+
+
 class GenerateResponse(BaseModel):
     data: str = Field(description="The first image, base64-encoded in `format`: the same as images[0].data.")
     seed: int = Field(description="The seed used; send it back to get the same images.")
@@ -182,3 +223,4 @@ class GenerateResponse(BaseModel):
     height: int
     format: OutputFormat
     images: list[GeneratedImage] = Field(description="Every image in order; image i used seed + i.")
+    loras: list[AppliedLora] = Field(default_factory=list, description="Each adapter applied, in order.")

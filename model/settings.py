@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, Pydanti
 
 from model import precision as rules
 from model import resolutions as sizes
+from model.schema import MAX_LORAS
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,11 @@ ENV_PREFIX = "FLUX_"
 # The package's config.yaml: the one source of the served sizes and every other deployed value.
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.yaml"
 DEFAULT_LOCAL_CACHE_DIR = Path.home() / ".cache" / "flux-schnell-truss" / "compile"
+LORA_DIR = DEFAULT_LOCAL_CACHE_DIR.parent / "loras"
 # model_metadata keys that Truss and Baseten read for themselves: allowed beside the settings, never parsed here.
 PLATFORM_METADATA_KEYS = frozenset({"example_model_input", "tags", "avatar_url", "cover_image_url"})
 
 CacheBackend = Literal["auto", "b10-transfer", "local", "none"]
-MAX_LORA_SLOTS = 4
 
 
 def _comma_separated(value: Any) -> Any:
@@ -133,10 +134,17 @@ class Settings(BaseSettings):
     max_loras: int = Field(
         0,
         ge=0,
-        le=MAX_LORA_SLOTS,
+        le=MAX_LORAS,
         description="LoRA adapters a request may apply; 0 is off, and slots cost every request",
     )
     max_lora_rank: int = Field(64, ge=1, le=512, description="the largest rank of an adapter a request may apply")
+    lora_presets: dict[str, str] = Field(
+        default_factory=dict, description="names a request may use for an adapter's URL or Hugging Face reference"
+    )
+    lora_disk_mb: pydantic.PositiveInt = Field(20_000, description="disk for downloaded adapters, least recent out")
+    allow_private_urls: bool = Field(
+        False, description="also fetch http and loopback or private addresses: for local development and tests"
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -6,24 +6,25 @@ q, k, v), which diffusers converts. Both come from one seed, so each format's fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from model.lora import adapted_layers
 
-
-def peft_state_dict(transformer: torch.nn.Module, rank: int, seed: int, only: str = "transformer_blocks") -> dict:
-    """A rank-`rank` adapter on every linear layer whose name starts with `only`, in diffusers' keys."""
+def peft_state_dict(
+    layers: Mapping[str, tuple[int, int]], rank: int, seed: int, only: str = "transformer_blocks"
+) -> dict:
+    """A rank-`rank` adapter on every layer of `layers` ({name: (in, out)}, the slots') whose name starts with `only`,
+    in diffusers' keys."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name in adapted_layers(transformer):
+    for name, (in_features, out_features) in sorted(layers.items()):
         if not name.startswith(only):
             continue
-        module = transformer.get_submodule(name)
-        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator)
-        state[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator)
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.5
     return state
 
 

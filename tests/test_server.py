@@ -38,7 +38,8 @@ def test_examples_return_jpegs_of_the_right_size(server: RunningServer, body: di
     response = predict(server, body)
     assert response.status_code == 200, response.text
     payload = response.json()
-    assert set(payload) == {"data", "seed", "width", "height", "format", "images"}
+    assert set(payload) == {"data", "seed", "width", "height", "format", "images", "loras"}
+    assert payload["loras"] == []
     assert payload["format"] == "jpeg"
     assert payload["images"] == [{"data": payload["data"], "seed": payload["seed"]}]
     assert decode_jpeg(payload["data"]).size == size

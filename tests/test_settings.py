@@ -33,11 +33,12 @@ def test_importing_the_settings_imports_no_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
-# What a deployer touches, and nothing more: the issue that cut the switches set the bound.
-MAX_SETTINGS = 16
+# What a deployer touches, and nothing more: the issue that cut the switches set the bound at 16; LoRA added its
+# five (slots, rank, presets, disk, private URLs).
+MAX_SETTINGS = 21
 
 
-def test_a_deployer_touches_at_most_sixteen_settings() -> None:
+def test_a_deployer_touches_at_most_twenty_one_settings() -> None:
     assert len(Settings.model_fields) <= MAX_SETTINGS
 
 
@@ -129,12 +130,12 @@ def settings_table() -> str:
     """The README's settings table: one row per setting, from its declaration."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, info in Settings.model_fields.items():
-        default = info.default
+        default = info.default_factory() if info.default_factory is not None else info.default
         if default is PydanticUndefined:
             shown = "required"
         elif isinstance(default, bool):
             shown = f"`{str(default).lower()}`"
-        elif default is None:
+        elif default is None or default == {}:
             shown = "none"
         elif isinstance(default, AspectRatios):
             shown = "the ratios above"

@@ -1,0 +1,225 @@
+"""LoRA per request on the tiny model: adapters from a real local HTTP server, swapped into the slots."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import adapters as adapters_module
+from model.adapters import AdapterStore
+from model.artifacts import CompileArtifacts
+from model.compile import compile_pipeline
+from model.engine import FluxEngine, InvalidRequest
+from model.lora import LoraSlots
+from model.pipeline import load_pipeline
+from model.resolutions import ResolutionRegistry
+from model.schema import GenerateRequest
+from model.settings import CompileSettings, Settings
+from tests.conftest import TINY_EAGER
+from tests.lora_files import kohya_state_dict, peft_state_dict, write
+from tests.lora_server import serving
+
+SLOTS, RANK = 2, 8
+BASE = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7, "num_inference_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def files() -> Iterator[tuple[Path, str]]:
+    """The adapters' directory, served over HTTP on loopback."""
+    root = Path(tempfile.mkdtemp(prefix="loras-"))
+    with serving(root) as (base, _):
+        yield root, base
+
+
+def _engine(root: Path, allow_private: bool = True, compiled: bool = False) -> FluxEngine:
+    settings = Settings.from_sources(environ=TINY_EAGER)
+    pipe = load_pipeline(settings, device="cpu")
+    slots = LoraSlots(pipe.transformer, SLOTS, RANK)
+    store = AdapterStore(slots.layers, RANK, slots.dtype, root / "cache", 1 << 30, {"fox": "owner/fox"}, allow_private)
+    sizes = ResolutionRegistry.coerce(["256x256"])
+    engine = FluxEngine(pipe, sizes, settings.text_lengths, settings.sizes, None, slots, store)
+    if compiled:  # the transformer's blocks only: the VAE's CPU compile is the slow one, and holds no slot
+        compile_pipeline(pipe, CompileSettings(vae=False), 1, CompileArtifacts(root / "inductor", "lora"))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def served(files: tuple[Path, str]) -> tuple[FluxEngine, str, Path]:
+    root, base = files
+    engine = _engine(root)
+    transformer = engine.pipe.transformer
+    write(root / "peft.safetensors", peft_state_dict(engine.slots.layers, 4, seed=1))
+    write(root / "other.safetensors", peft_state_dict(engine.slots.layers, 8, seed=2, only="single_transformer_blocks"))
+    write(root / "kohya.safetensors", kohya_state_dict(transformer, 4, seed=3))
+    return engine, base, root
+
+
+def generate(engine: FluxEngine, **fields: object) -> tuple[str, list]:
+    response = engine.generate(GenerateRequest(**{**BASE, **fields}))
+    return response.data, response.loras
+
+
+def test_an_adapter_changes_the_image_and_leaves_no_trace(served: tuple[FluxEngine, str, Path]) -> None:
+    engine, base, root = served
+    plain, listed = generate(engine)
+    assert listed == []
+    lora = {"url": f"{base}/files/peft.safetensors", "scale": 0.8}
+    adapted, listed = generate(engine, loras=[lora])
+    assert adapted != plain
+    sha = hashlib.sha256((root / "peft.safetensors").read_bytes()).hexdigest()
+    assert [(a.url, a.scale, a.sha256) for a in listed] == [(lora["url"], 0.8, sha)]
+    assert generate(engine)[0] == plain, "a request without loras after one with them"
+    assert generate(engine, loras=[{**lora, "scale": 0}])[0] == plain, "scale 0 is the request without it"
+    other = {"url": f"{base}/files/other.safetensors"}
+    both, _ = generate(engine, loras=[other, lora])
+    assert both not in (plain, adapted)
+    assert generate(engine, loras=[lora])[0] == adapted, "the same request, whatever ran before it"
+    assert generate(engine, loras=[other, lora])[0] == both
+
+
+def test_kohya_keys_are_converted(served: tuple[FluxEngine, str, Path]) -> None:
+    engine, base, _ = served
+    plain, _ = generate(engine)
+    adapted, listed = generate(engine, loras=[{"url": f"{base}/files/kohya.safetensors"}])
+    assert adapted != plain and len(listed) == 1
+
+
+def test_a_redirect_is_followed_and_a_preset_names_a_hub_file(
+    served: tuple[FluxEngine, str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, base, root = served
+    direct, _ = generate(engine, loras=[{"url": f"{base}/files/peft.safetensors"}])
+    assert generate(engine, loras=[{"url": f"{base}/redirect/peft.safetensors"}])[0] == direct
+    (root / "owner" / "fox").mkdir(parents=True, exist_ok=True)
+    (root / "owner" / "fox" / "fox.safetensors").write_bytes((root / "peft.safetensors").read_bytes())
+    monkeypatch.setattr(adapters_module, "HF_ENDPOINT", f"{base}/hub")
+    for name in ("fox", "owner/fox", "owner/fox/fox.safetensors"):
+        image, listed = generate(engine, loras=[{"url": name}])
+        assert image == direct and listed[0].url == name
+
+
+def _bad_files(root: Path, layers: dict) -> None:
+    write(
+        root / "sdxl.safetensors",
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 8),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(8, 4),
+        },
+    )
+    state = peft_state_dict(layers, 4, seed=4)
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    write(root / "shape.safetensors", {**state, key: torch.ones(4, 3)})
+    write(root / "rank.safetensors", peft_state_dict(layers, RANK * 2, seed=5))
+    write(
+        root / "text.safetensors",
+        {**state, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 8)},
+    )
+    (root / "junk.safetensors").write_bytes(b"<html>not a file</html>")
+    save_file({"x": torch.zeros(2, dtype=torch.int64)}, str(root / "ints.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "words"),
+    [
+        ("missing.safetensors", "loras[0].url", "404"),
+        ("junk.safetensors", "loras[0].url", "not a safetensors file"),
+        ("ints.safetensors", "loras[0].url", "not a float tensor"),
+        ("sdxl.safetensors", "loras[0]", "no FLUX.1 layer"),
+        ("shape.safetensors", "loras[0]", "shapes"),
+        ("rank.safetensors", "loras[0]", f"rank is {RANK * 2}, above this deployment's max_lora_rank of {RANK}"),
+        ("text.safetensors", "loras[0]", "text encoders"),
+    ],
+)
+def test_a_bad_adapter_is_refused_by_field_and_leaves_clean_weights(
+    served: tuple[FluxEngine, str, Path], name: str, field: str, words: str
+) -> None:
+    engine, base, root = served
+    _bad_files(root, engine.slots.layers)
+    plain, _ = generate(engine)
+    generate(engine, loras=[{"url": f"{base}/files/peft.safetensors"}])
+    with pytest.raises(InvalidRequest) as refused:
+        generate(engine, loras=[{"url": f"{base}/files/peft.safetensors"}, {"url": f"{base}/files/{name}"}])
+    assert refused.value.field_name == field.replace("[0]", "[1]")
+    assert words in str(refused.value)
+    assert generate(engine)[0] == plain
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://example.com/a.safetensors", "scheme must be https"),
+        ("https://127.0.0.1/a.safetensors", "127.0.0.1, a private, loopback or reserved address"),
+        ("https://localhost/a.safetensors", "loopback"),  # a name that resolves to loopback, not only a literal
+        ("https://10.0.0.8/a.safetensors", "private"),
+        ("https://user:pw@example.com/a.safetensors", "credentials"),
+        ("not a url", "not an https URL"),
+    ],
+)
+def test_private_addresses_and_other_schemes_are_refused(files: tuple[Path, str], url: str, words: str) -> None:
+    engine = _engine(files[0], allow_private=False)
+    with pytest.raises(InvalidRequest) as refused:
+        generate(engine, loras=[{"url": url}])
+    assert refused.value.field_name == "loras[0].url" and words in str(refused.value)
+
+
+def test_a_redirect_to_a_private_address_is_refused(files: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first hop is checked as public (a stand-in for a public host's DNS answer); its redirect to loopback is
+    refused, because every hop is checked."""
+    root, base = files
+    engine = _engine(root, allow_private=False)
+    checked: list[str] = []
+    real = adapters_module.fetch.__globals__["_checked_address"]
+
+    def first_hop_public(host: str, port: int, allow_private: bool) -> str:
+        checked.append(host)
+        return "127.0.0.1" if len(checked) == 1 else real(host, port, allow_private)
+
+    monkeypatch.setattr("model.fetch._checked_address", first_hop_public)
+    monkeypatch.setattr("model.fetch._PinnedHTTPS", adapters_module.fetch.__globals__["_PinnedHTTP"])
+    port = base.rsplit(":", 1)[1]
+    with pytest.raises(InvalidRequest) as refused:
+        generate(engine, loras=[{"url": f"https://files.test:{port}/redirect-to/https://localhost:{port}/files/x"}])
+    assert refused.value.field_name == "loras[0].url" and "loopback" in str(refused.value)
+    assert checked == ["files.test", "localhost"]
+
+
+def test_a_slow_or_large_file_is_cut_off(files: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    root, base = files
+    engine = _engine(root)
+    monkeypatch.setattr(
+        engine.adapters,
+        "policy",
+        engine.adapters.policy.__class__(max_bytes=10_000_000, timeout_s=1, allow_private=True),
+    )
+    with pytest.raises(InvalidRequest, match="took over 1 s"):
+        generate(engine, loras=[{"url": f"{base}/slow"}])
+    monkeypatch.setattr(engine.adapters, "policy", engine.adapters.policy.__class__(max_bytes=1000, allow_private=True))
+    write(root / "big.safetensors", peft_state_dict(engine.slots.layers, 4, seed=9))
+    with pytest.raises(InvalidRequest, match="over the limit of 1000"):
+        generate(engine, loras=[{"url": f"{base}/files/big.safetensors"}])
+
+
+def test_loras_need_slots_and_fit_in_them(engine: FluxEngine, served: tuple[FluxEngine, str, Path]) -> None:
+    with pytest.raises(InvalidRequest, match="set max_loras") as refused:
+        engine.generate(GenerateRequest(**BASE, loras=[{"url": "owner/repo"}]))
+    assert refused.value.field_name == "loras"
+    with pytest.raises(InvalidRequest, match=f"3 adapters, over this deployment's max_loras of {SLOTS}"):
+        generate(served[0], loras=[{"url": "owner/repo"}] * 3)
+
+
+def test_swaps_compile_nothing(files: tuple[Path, str]) -> None:
+    root, base = files
+    engine = _engine(root, compiled=True)
+    write(root / "swap.safetensors", peft_state_dict(engine.slots.layers, 4, seed=11))
+    plain, _ = generate(engine)  # compiles the static graph, with the slots in it
+    torch.compiler.set_stance("fail_on_recompile")
+    adapted, _ = generate(engine, loras=[{"url": f"{base}/files/swap.safetensors", "scale": 1.5}])
+    assert adapted != plain
+    assert generate(engine)[0] == plain
+    assert generate(engine, loras=[{"url": f"{base}/files/swap.safetensors", "scale": 1.5}])[0] == adapted
