@@ -18,7 +18,7 @@ import re
 import struct
 import tempfile
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +72,7 @@ class AdapterStore:
         self.policy = FetchPolicy(max_bytes=largest, allow_private=allow_private_urls)
         self._by_url: dict[str, str] = {}
         self._prepared: OrderedDict[str, PreparedAdapter] = OrderedDict()
+        self._in_use: Counter[Path] = Counter()
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -85,21 +86,31 @@ class AdapterStore:
                 self._prepared.move_to_end(sha)
                 return sha, self._prepared[sha]
         path = self._file(url, sha)
+        try:
+            prepared = self._prepare(path)
+        finally:
+            with self._lock:
+                self._in_use[path] -= 1
         sha = path.stem
-        prepared = self._prepare(path)
         with self._lock:
             self._by_url[url] = sha
             self._prepared[sha] = prepared
             self._prepared.move_to_end(sha)
             while sum(p.nbytes for p in self._prepared.values()) > HOST_MEMORY_BYTES and len(self._prepared) > 1:
                 self._prepared.popitem(last=False)
+            self._evict()
         return sha, prepared
 
     def _file(self, url: str, sha: str | None) -> Path:
-        """The adapter's file on disk, fetched unless a file of the same content is there."""
-        if sha is not None and (path := self.directory / f"{sha}.safetensors").is_file():
-            os.utime(path)  # most recently used
-            return path
+        """The adapter's file on disk, fetched unless a file of the same content is there, and counted in use until
+        the caller is done reading it (no eviction removes it meanwhile)."""
+        if sha is not None:
+            path = self.directory / f"{sha}.safetensors"
+            with self._lock:
+                if path.is_file():
+                    os.utime(path)  # most recently used
+                    self._in_use[path] += 1
+                    return path
         source, headers, header_host = self._source(url)
         handle, partial = tempfile.mkstemp(dir=self.directory, suffix=".partial")
         os.close(handle)
@@ -108,11 +119,12 @@ class AdapterStore:
             check_safetensors(Path(partial))
             digest = _sha256(Path(partial))
             path = self.directory / f"{digest}.safetensors"
-            os.replace(partial, path)
+            with self._lock:
+                os.replace(partial, path)
+                self._in_use[path] += 1
         finally:
             Path(partial).unlink(missing_ok=True)
         log.info("LoRA adapter %s fetched: sha256 %s, %d bytes", url, digest, path.stat().st_size)
-        self._evict(keep=path)
         return path
 
     def _source(self, url: str) -> tuple[str, dict[str, str], str]:
@@ -163,13 +175,14 @@ class AdapterStore:
         state_dict, alphas = converted if isinstance(converted, tuple) else (converted, None)
         return prepare(state_dict, network_alphas(alphas), self.layers, self.max_rank, self.dtype)
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self) -> None:
+        """Remove the least recently used files past the disk budget, never one being read. Under self._lock."""
         files = sorted(self.directory.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
-        for path in files:
+        for path in files[:-1]:  # the newest stays, whatever its size
             if total <= self.disk_bytes:
                 break
-            if path != keep:
+            if not self._in_use[path]:
                 total -= path.stat().st_size
                 path.unlink(missing_ok=True)
 

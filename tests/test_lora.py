@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import adapters as adapters_module
+from model import precompile
 from model.adapters import AdapterStore
 from model.artifacts import CompileArtifacts
 from model.compile import compile_pipeline
@@ -213,13 +214,42 @@ def test_loras_need_slots_and_fit_in_them(engine: FluxEngine, served: tuple[Flux
         generate(served[0], loras=[{"url": "owner/repo"}] * 3)
 
 
-def test_swaps_compile_nothing(files: tuple[Path, str]) -> None:
+def test_swaps_compile_nothing_on_a_miss_or_a_hit(files: tuple[Path, str]) -> None:
     root, base = files
-    engine = _engine(root, compiled=True)
-    write(root / "swap.safetensors", peft_state_dict(engine.slots.layers, 4, seed=11))
-    plain, _ = generate(engine)  # compiles the static graph, with the slots in it
-    torch.compiler.set_stance("fail_on_recompile")
-    adapted, _ = generate(engine, loras=[{"url": f"{base}/files/swap.safetensors", "scale": 1.5}])
-    assert adapted != plain
-    assert generate(engine)[0] == plain
-    assert generate(engine, loras=[{"url": f"{base}/files/swap.safetensors", "scale": 1.5}])[0] == adapted
+    lora = {"url": f"{base}/files/swap.safetensors", "scale": 1.5}
+    served = []
+    for state in ("miss", "hit"):  # the hit reads the functions the miss saved, slots included
+        before = dict(precompile.COUNTERS)
+        engine = _engine(root, compiled=True)
+        write(root / "swap.safetensors", peft_state_dict(engine.slots.layers, 4, seed=11))
+        plain, _ = generate(engine)  # the static graph, with the slots in it: compiled or read
+        counted = {key: precompile.COUNTERS[key] - before.get(key, 0) for key in ("compiled", "loaded")}
+        assert counted["compiled" if state == "miss" else "loaded"] > 0 and (state == "miss" or not counted["compiled"])
+        torch.compiler.set_stance("fail_on_recompile")
+        adapted, _ = generate(engine, loras=[lora])
+        assert adapted != plain
+        assert generate(engine)[0] == plain
+        assert generate(engine, loras=[lora])[0] == adapted
+        torch.compiler.set_stance("default")
+        served.append((plain, adapted))
+    assert served[0] == served[1], "a hit serves the miss's bytes, with and without the adapter"
+
+
+def test_files_are_kept_by_content_within_the_disk_budget(tmp_path: Path) -> None:
+    layers = {"transformer_blocks.0.attn.to_q": (16, 16)}
+    for name, seed in (("a", 1), ("b", 2)):
+        write(tmp_path / f"{name}.safetensors", peft_state_dict(layers, 4, seed=seed))
+    size = (tmp_path / "a.safetensors").stat().st_size
+    with serving(tmp_path) as (base, seen):
+        store = AdapterStore(layers, 8, torch.float32, tmp_path / "cache", size + size // 2, {}, True)
+        sha_a, first = store.get(f"{base}/files/a.safetensors")
+        assert sha_a == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+        (tmp_path / "cache" / f"{sha_a}.safetensors").unlink()  # the host copy serves a repeat: no disk, no fetch
+        assert store.get(f"{base}/files/a.safetensors") == (sha_a, first) and len(seen) == 1
+        sha_b, _ = store.get(f"{base}/files/b.safetensors")
+        write(tmp_path / "cache" / f"{sha_a}.safetensors", peft_state_dict(layers, 4, seed=1))
+        store.get(f"{base}/files/b.safetensors")
+        store._prepared.clear()  # a fresh process: only the disk remembers
+        store.get(f"{base}/files/a.safetensors")
+    kept = sorted(p.stem for p in (tmp_path / "cache").glob("*.safetensors"))
+    assert kept == [sha_a], "b, least recently used, went past the budget; a, just read, stays"
