@@ -22,9 +22,10 @@ from model.pipeline import load_pipeline
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings
-from tests.conftest import TINY_EAGER
+from tests.conftest import TINY_EAGER, RunningServer, start_server
 from tests.lora_files import kohya_state_dict, peft_state_dict, write
 from tests.lora_server import serving
+from tests.test_server import predict
 
 SLOTS, RANK = 2, 8
 BASE = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7, "num_inference_steps": 2}
@@ -253,3 +254,46 @@ def test_files_are_kept_by_content_within_the_disk_budget(tmp_path: Path) -> Non
         store.get(f"{base}/files/a.safetensors")
     kept = sorted(p.stem for p in (tmp_path / "cache").glob("*.safetensors"))
     assert kept == [sha_a], "b, least recently used, went past the budget; a, just read, stays"
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory: pytest.TempPathFactory, files: tuple[Path, str]) -> Iterator[RunningServer]:
+    """The real Truss server with LoRA on, as `FLUX_MAX_LORAS=2 FLUX_ALLOW_PRIVATE_URLS=1 make serve` starts it."""
+    home = tmp_path_factory.mktemp("home")  # its adapters' disk cache lives under the home directory
+    env = {
+        "FLUX_MAX_LORAS": str(SLOTS),
+        "FLUX_MAX_LORA_RANK": str(RANK),
+        "FLUX_ALLOW_PRIVATE_URLS": "1",
+        "HOME": str(home),
+    }
+    yield from start_server(tmp_path_factory.mktemp("lora-server"), env)
+
+
+@pytest.mark.slow
+def test_over_http_an_adapter_is_applied_and_a_bad_one_is_a_400(
+    lora_server: RunningServer, served: tuple[FluxEngine, str, Path]
+) -> None:
+    _, base, root = served
+    body = {**BASE, "width": 1024, "height": 1024}
+    plain = predict(lora_server, body).json()
+    lora = {"url": f"{base}/files/peft.safetensors", "scale": 0.5}
+    response = predict(lora_server, {**body, "loras": [lora]})
+    assert response.status_code == 200, response.text
+    adapted = response.json()
+    assert adapted["data"] != plain["data"]
+    sha = hashlib.sha256((root / "peft.safetensors").read_bytes()).hexdigest()
+    assert adapted["loras"] == [{**lora, "sha256": sha}]
+    for bad, field in [
+        ({"url": f"{base}/files/missing.safetensors"}, "loras[0].url"),
+        ({"url": f"{base}/files/peft.safetensors", "scale": 4.5}, "scale"),
+        ({"url": f"{base}/files/peft.safetensors", "weight": 1}, "weight"),
+    ]:
+        refused = predict(lora_server, {**body, "loras": [bad]})
+        assert refused.status_code == 400 and field in refused.text, refused.text
+    assert predict(lora_server, body).json()["data"] == plain["data"]
+
+
+@pytest.mark.slow
+def test_over_http_loras_on_a_deployment_without_slots_say_how_to_turn_them_on(server: RunningServer) -> None:
+    refused = predict(server, {**BASE, "loras": [{"url": "owner/repo"}]})
+    assert refused.status_code == 400 and "loras" in refused.text and "max_loras" in refused.text, refused.text
