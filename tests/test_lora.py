@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,6 +190,16 @@ def test_a_redirect_to_a_private_address_is_refused(files: tuple[Path, str], mon
         generate(engine, loras=[{"url": f"https://files.test:{port}/redirect-to/https://localhost:{port}/files/x"}])
     assert refused.value.field_name == "loras[0].url" and "loopback" in str(refused.value)
     assert checked == ["files.test", "localhost"]
+
+
+def test_an_unreachable_host_is_a_400(files: tuple[Path, str]) -> None:
+    engine = _engine(files[0])
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(InvalidRequest, match="could not be fetched from 127.0.0.1") as refused:
+        generate(engine, loras=[{"url": f"http://127.0.0.1:{port}/a.safetensors"}])
+    assert refused.value.field_name == "loras[0].url"
 
 
 def test_a_slow_or_large_file_is_cut_off(files: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
