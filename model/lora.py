@@ -26,7 +26,7 @@ SLOT_PREFIX = "slot"
 # "transformer.<module>.lora_B.weight"; keys of the text encoders start with these.
 TRANSFORMER_PREFIX = "transformer."
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
-DOWN, UP = ".lora_A.weight", ".lora_B.weight"
+DOWN, UP, ALPHA = ".lora_A.weight", ".lora_B.weight", ".alpha"
 
 
 class AdapterError(ValueError):
@@ -79,7 +79,11 @@ def prepare(
         )
     downs = {key.removeprefix(TRANSFORMER_PREFIX).removesuffix(DOWN): key for key in state_dict if key.endswith(DOWN)}
     ups = {key.removeprefix(TRANSFORMER_PREFIX).removesuffix(UP): key for key in state_dict if key.endswith(UP)}
-    unknown = sorted(set(state_dict) - set(downs.values()) - set(ups.values()))
+    # Alphas a conversion left among the weights count as the network alphas they are.
+    alphas = {**network_alphas({k: v for k, v in state_dict.items() if k.endswith(ALPHA)}), **(alphas or {})}
+    unknown = sorted(
+        set(state_dict) - set(downs.values()) - set(ups.values()) - {k for k in state_dict if k.endswith(ALPHA)}
+    )
     if unknown:
         raise AdapterError(f"it has keys that are not LoRA weights of a FLUX transformer, e.g. {unknown[0]!r}")
     if downs.keys() != ups.keys():
@@ -107,7 +111,7 @@ def prepare(
         if rank > max_rank:
             raise AdapterError(f"its rank is {rank}, above this deployment's max_lora_rank of {max_rank}")
         largest = max(largest, rank)
-        alpha = (alphas or {}).get(name, rank)
+        alpha = alphas.get(name, rank)
         up_scaled = up.to(torch.float32) * (alpha / rank)
         if not (torch.isfinite(down).all() and torch.isfinite(up_scaled).all()):
             raise AdapterError(f"layer {name!r} holds values that are not finite")
@@ -122,9 +126,7 @@ class LoraSlots:
         # Imported here: PEFT is needed only where LoRA is on.
         from peft import LoraConfig
 
-        self.transformer = transformer
         self.count = count
-        self.rank = rank
         self.names = slot_names(count)
         targets = adapted_layers(transformer)
         self.layers = {
@@ -195,7 +197,7 @@ def network_alphas(alphas: Mapping[str, torch.Tensor | float] | None) -> dict[st
     """diffusers' network alphas ("transformer.<module>.alpha" or "<module>.alpha") by module name."""
     out = {}
     for key, value in (alphas or {}).items():
-        name = key.removeprefix(TRANSFORMER_PREFIX).removesuffix(".alpha")
+        name = key.removeprefix(TRANSFORMER_PREFIX).removesuffix(ALPHA)
         number = float(value.item() if isinstance(value, torch.Tensor) else value)
         if not math.isfinite(number):
             raise AdapterError(f"the alpha of {name!r} is not finite")
