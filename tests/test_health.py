@@ -122,7 +122,7 @@ def model(monkeypatch: pytest.MonkeyPatch) -> Model:
 
 
 def fail_runs_with(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    def run(self: FluxEngine, job: Job) -> None:
+    def run(self: FluxEngine, job: Job, *adapters: object) -> None:
         raise error
 
     monkeypatch.setattr(FluxEngine, "run", run)

@@ -29,12 +29,12 @@ def _patch_engine(module: ModuleType, device_error_word: str, failure_word: str)
     engine = module.FluxEngine
     original_run = engine.run
 
-    def run(self: Any, job: Any) -> Any:
+    def run(self: Any, job: Any, *adapters: Any) -> Any:
         if device_error_word and device_error_word in job.prompt:
             raise device_error(ILLEGAL_ACCESS)
         if failure_word and failure_word in job.prompt:
             raise RuntimeError("injected failure: not a device error")
-        return original_run(self, job)
+        return original_run(self, job, *adapters)
 
     engine.run = run
 
