@@ -18,7 +18,7 @@ from model.adapters import AdapterStore
 from model.artifacts import CompileArtifacts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine, InvalidRequest
-from model.lora import LoraSlots
+from model.lora import LoraSlots, prepare
 from model.pipeline import load_pipeline
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
@@ -308,3 +308,43 @@ def test_over_http_an_adapter_is_applied_and_a_bad_one_is_a_400(
 def test_over_http_loras_on_a_deployment_without_slots_say_how_to_turn_them_on(server: RunningServer) -> None:
     refused = predict(server, {**BASE, "loras": [{"url": "owner/repo"}]})
     assert refused.status_code == 400 and "loras" in refused.text and "max_loras" in refused.text, refused.text
+
+
+@torch.inference_mode()
+def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
+    config, generator = transformer.config, torch.Generator().manual_seed(0)
+    return transformer(
+        hidden_states=torch.randn(1, 64, config.in_channels, generator=generator).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 16, config.joint_attention_dim, generator=generator).bfloat16(),
+        pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=generator).bfloat16(),
+        timestep=torch.tensor([0.5], dtype=torch.bfloat16),
+        img_ids=torch.zeros(64, 3),
+        txt_ids=torch.zeros(16, 3),
+        return_dict=False,
+    )[0]
+
+
+def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slots wrap torchao's fp8 linears (PEFT's TorchaoLoraLinear), and swapping still compiles nothing."""
+    from torchao.quantization import quant_api
+
+    from model.optimize import block_hook
+
+    # torchao refuses every CPU; a CPU runs fp8 matmuls, slowly, which is enough here.
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    pipe = load_pipeline(Settings.from_sources(environ=TINY_EAGER), device="cpu")
+    transformer = pipe.transformer.to(torch.bfloat16)
+    quantize = block_hook("fp8")
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        quantize(block)
+    slots = LoraSlots(transformer, 1, RANK)
+    assert type(transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Float8Tensor"
+    adapter = prepare(peft_state_dict(slots.layers, 4, seed=12), None, slots.layers, RANK, slots.dtype)
+    compile_pipeline(pipe, CompileSettings(vae=False), 1, CompileArtifacts(tmp_path, "fp8"))
+    plain = _transformer_output(transformer)
+    torch.compiler.set_stance("fail_on_recompile")
+    slots.apply([("a", adapter, 1.0)])
+    adapted = _transformer_output(transformer)
+    slots.apply([])
+    assert not torch.equal(adapted, plain)
+    assert torch.equal(_transformer_output(transformer), plain)
