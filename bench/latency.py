@@ -209,6 +209,7 @@ def child(
     memory_cap_gib: float | None = None,
     clients: int = 0,
     num_outputs: int = 1,
+    lora_rank: int = 64,
 ) -> dict:
     import numpy as np
     import torch
@@ -283,6 +284,8 @@ def child(
         result["num_outputs"] = several_images(model, first_request, num_outputs, max(runs, 3))
     if clients:
         result["saturation"] = saturation(model, first_request, clients)
+    if engine.slots is not None:
+        result["lora"] = lora_figures(model, first_request, workdir, lora_rank, max(runs, 3))
     job = engine.job_for(first_request)
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
@@ -315,6 +318,61 @@ def child(
         result["psnr_vs_eager_db"] = psnr_db(pixels, ref)
         result["max_abs_diff_vs_eager"] = int(np.abs(pixels - ref).max())
     return result
+
+
+def lora_figures(model: object, request: object, workdir: Path, rank: int, runs: int) -> dict:
+    """With LoRA slots: what a swap costs and p50 with adapters, for adapters of `rank` on every layer, served from
+    loopback. A swap is timed to the GPU's end: an adapter new to the replica (fetched, checked, prepared, then
+    copied into a slot), one read again from the local disk, and one from its host copy."""
+    import torch
+
+    from model.schema import LoraRequest
+    from tests.harness import NO_BODY
+    from tests.lora_files import peft_state_dict, write
+    from tests.lora_server import serving
+
+    engine = model._engine  # type: ignore[attr-defined]
+    slots, store = engine.slots, engine.adapters
+    directory = workdir / "loras"
+    directory.mkdir(exist_ok=True)
+    names = [f"rank{rank}-{seed}.safetensors" for seed in range(3)]
+    for seed, name in enumerate(names):
+        if not (directory / name).exists():
+            write(directory / name, peft_state_dict(slots.layers, rank, seed, only=""))
+
+    def timed(work: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        work()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def swap(url: str) -> None:
+        sha, prepared = store.get(url)
+        slots.apply([(sha, prepared, 1.0)])
+
+    out: dict = {"rank": rank, "file_mb": round((directory / names[0]).stat().st_size / 2**20, 1)}
+    with serving(directory) as (base, _):
+        urls = [f"{base}/files/{name}" for name in names]
+        out["swap_new_adapter_s"] = round(timed(lambda: swap(urls[2])), 3)
+        store._prepared.clear()  # as after a restart of the replica: the file is on the local disk only
+        out["swap_from_local_disk_s"] = round(timed(lambda: swap(urls[2])), 3)
+        for url in urls[:2]:
+            store.get(url)
+        swaps = [timed(lambda i=i: swap(urls[i % 2])) for i in range(runs)]
+        out["swap_from_host_copy_p50_s"] = round(statistics.median(swaps), 4)
+        slots.apply([])
+        for count, label in ((1, "one"), (2, "two")):
+            body = request.model_copy(update={"loras": [LoraRequest(url=url) for url in urls[:count]]})  # type: ignore[attr-defined]
+            times = [timed(lambda body=body: model.predict(body, NO_BODY)) for _ in range(runs)]  # type: ignore[attr-defined]
+            out[f"p50_{label}_adapter{'s' if count > 1 else ''}_s"] = round(statistics.median(times), 4)
+        alternating = [
+            request.model_copy(update={"loras": [LoraRequest(url=urls[i % 2])]})  # type: ignore[attr-defined]
+            for i in range(runs)
+        ]
+        times = [timed(lambda body=body: model.predict(body, NO_BODY)) for body in alternating]  # type: ignore[attr-defined]
+        out["p50_another_adapter_every_request_s"] = round(statistics.median(times), 4)
+    return out
 
 
 def several_images(model: object, request: object, count: int, runs: int) -> dict:
@@ -425,6 +483,9 @@ def main() -> None:
         default=1,
         help="also time a request for this many images at the first size, one after another and batched eagerly",
     )
+    parser.add_argument(
+        "--lora-rank", type=int, default=64, help="with LoRA slots (e.g. the lora2 configuration): adapters' rank"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     resolutions = args.resolutions.split(",")
@@ -446,6 +507,7 @@ def main() -> None:
                     args.memory_cap,
                     args.clients,
                     args.num_outputs,
+                    args.lora_rank,
                 )
             ),
             flush=True,
@@ -486,6 +548,8 @@ def main() -> None:
             str(args.clients),
             "--num-outputs",
             str(args.num_outputs),
+            "--lora-rank",
+            str(args.lora_rank),
             *(["--profile"] if args.profile else []),
             # The bf16 eager reference runs uncapped: every capped configuration gets its PSNR against bf16.
             *(["--memory-cap", str(args.memory_cap)] if args.memory_cap is not None and name != "eager" else []),
