@@ -26,8 +26,8 @@ from urllib.parse import quote, urlsplit
 
 import torch
 
-from model.fetch import FetchError, FetchPolicy, fetch
 from model.lora import AdapterError, PreparedAdapter, network_alphas, prepare
+from model.remote import FetchError, FetchPolicy, fetch
 
 log = logging.getLogger(__name__)
 

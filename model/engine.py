@@ -20,12 +20,12 @@ from PIL import Image
 
 from model.adapters import AdapterStore, AppliedAdapter
 from model.compat import unpack_latents
-from model.fetch import FetchError
 from model.graph_route import dynamic_graph
 from model.images import to_base64
 from model.lora import AdapterError, LoraSlots, PreparedAdapter
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
+from model.remote import FetchError
 from model.resolutions import Resolution, ResolutionRegistry, ServedSizes
 from model.schema import (
     DEFAULT_OUTPUT_QUALITY,

@@ -183,8 +183,8 @@ def test_a_redirect_to_a_private_address_is_refused(files: tuple[Path, str], mon
         checked.append(host)
         return "127.0.0.1" if len(checked) == 1 else real(host, port, allow_private)
 
-    monkeypatch.setattr("model.fetch._checked_address", first_hop_public)
-    monkeypatch.setattr("model.fetch._PinnedHTTPS", adapters_module.fetch.__globals__["_PinnedHTTP"])
+    monkeypatch.setattr("model.remote._checked_address", first_hop_public)
+    monkeypatch.setattr("model.remote._PinnedHTTPS", adapters_module.fetch.__globals__["_PinnedHTTP"])
     port = base.rsplit(":", 1)[1]
     with pytest.raises(InvalidRequest) as refused:
         generate(engine, loras=[{"url": f"https://files.test:{port}/redirect-to/https://localhost:{port}/files/x"}])

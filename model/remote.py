@@ -1,5 +1,5 @@
-"""Files a request names by URL, fetched on the caller's behalf: the one place the server opens a connection a
-request chose.
+"""URLs a request names, fetched from (LoRA adapters) or uploaded to (`output_urls`) on the caller's behalf: the one
+place the server opens a connection a request chose.
 
 That is server-side request forgery territory, so by default only https to public addresses is allowed. Every name is
 resolved here and the connection goes to the very address that was checked (a second lookup could answer
@@ -22,6 +22,8 @@ from urllib.parse import urljoin, urlsplit
 
 CHUNK_BYTES = 1 << 20
 REDIRECTS = {301, 302, 303, 307, 308}
+# Statuses worth another try: the storage was busy or failed, not the request. A 403 (an expired signature) is final.
+TRANSIENT = {408, 429, 500, 502, 503, 504}
 
 
 class FetchError(ValueError):
@@ -68,13 +70,73 @@ def fetch(
     raise FetchError(f"more than {policy.max_redirects} redirects")
 
 
+class UploadError(Exception):
+    """An upload that failed for good; `status` is the storage's last HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_url(url: str, allow_private: bool) -> None:
+    """Refuse a URL's scheme, credentials or a literal private address now, before any work is done for it; a name
+    is resolved and checked when it is connected to."""
+    parts = urlsplit(url)
+    policy = FetchPolicy(max_bytes=0, allow_private=allow_private)
+    _scheme(parts.scheme, policy)
+    if parts.username is not None or parts.password is not None:
+        raise FetchError("credentials in the URL are not accepted")
+    host = parts.hostname or ""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not allow_private and (not literal.is_global or literal.is_multicast):
+        raise FetchError(f"{host} is a private, loopback or reserved address (allowed only with allow_private_urls)")
+
+
+def put(
+    url: str, body: bytes, content_type: str, allow_private: bool, attempts: int = 3, timeout_s: float = 60.0
+) -> None:
+    """PUT `body` to `url` (a presigned URL: no redirect is followed), retrying a transient failure with backoff.
+    Raises FetchError for a URL that is refused, UploadError when the storage never took it."""
+    policy = FetchPolicy(max_bytes=0, timeout_s=timeout_s, allow_private=allow_private)
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    status: int | None = None
+    reason = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.5 * 2 ** (attempt - 1))
+        connection = _connect(url, policy, time.monotonic() + timeout_s)
+        try:
+            connection.request("PUT", path, body=body, headers={"Content-Type": content_type})
+            response = connection.getresponse()
+            response.read()
+            status, reason = response.status, response.reason
+            if 200 <= status < 300:
+                return
+            if status not in TRANSIENT:
+                break
+        except (OSError, http.client.HTTPException) as exc:
+            status, reason = None, _reason(exc)
+        finally:
+            connection.close()
+    answer = f"HTTP {status} {reason}".rstrip() if status is not None else reason
+    raise UploadError(f"the upload to {parts.hostname} failed after {attempt + 1} attempt(s): {answer}", status)
+
+
+def _scheme(scheme: str, policy: FetchPolicy) -> None:
+    allowed = ("https", "http") if policy.allow_private else ("https",)
+    if scheme.lower() not in allowed:
+        hint = "" if policy.allow_private else " (http and private addresses need allow_private_urls)"
+        raise FetchError(f"the scheme must be https, not {scheme or 'none'!r}{hint}")
+
+
 def _connect(url: str, policy: FetchPolicy, deadline: float) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    allowed = ("https", "http") if policy.allow_private else ("https",)
-    if scheme not in allowed:
-        hint = "" if policy.allow_private else " (http and private addresses need allow_private_urls)"
-        raise FetchError(f"the scheme must be https, not {scheme or 'none'!r}{hint}")
+    _scheme(scheme, policy)
     if parts.username is not None or parts.password is not None:
         raise FetchError("credentials in the URL are not accepted")
     host = parts.hostname
