@@ -329,7 +329,7 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
     from model.schema import LoraRequest
     from tests.harness import NO_BODY
     from tests.lora_files import peft_state_dict, write
-    from tests.lora_server import serving
+    from tests.web_server import serving
 
     engine = model._engine  # type: ignore[attr-defined]
     slots, store = engine.slots, engine.adapters

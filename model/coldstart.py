@@ -173,7 +173,14 @@ def load_engine(
     prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
     slots, adapters = _lora(pipe, settings, hf_token)
     engine = FluxEngine(
-        pipe, settings.resolutions, settings.text_lengths, settings.sizes, prompt_cache, slots, adapters
+        pipe,
+        settings.resolutions,
+        settings.text_lengths,
+        settings.sizes,
+        prompt_cache,
+        slots,
+        adapters,
+        settings.allow_private_urls,
     )
     weights_s = time.perf_counter() - started
     report = prepare(engine, settings.compile_settings, restore.cache, restore.artifacts, restoring)

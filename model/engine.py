@@ -21,11 +21,11 @@ from PIL import Image
 from model.adapters import AdapterStore, AppliedAdapter
 from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
-from model.images import to_base64
+from model.images import CONTENT_TYPES, encode, to_base64
 from model.lora import AdapterError, LoraSlots, PreparedAdapter
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
-from model.remote import FetchError
+from model.remote import FetchError, UploadError, check_url, put
 from model.resolutions import Resolution, ResolutionRegistry, ServedSizes
 from model.schema import (
     DEFAULT_OUTPUT_QUALITY,
@@ -94,6 +94,17 @@ class InvalidRequest(ValueError):
         self.field_name = field_name
 
 
+class UploadFailed(Exception):
+    """An image the storage at `output_urls[i]` never took; `response` carries every image as base64 instead, so
+    nothing generated is lost."""
+
+    def __init__(self, field_name: str, message: str, status: int | None, response: GenerateResponse) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+        self.status = status
+        self.response = response
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything that determines the images; equal jobs give identical bytes."""
@@ -110,6 +121,7 @@ class Job:
     output_format: OutputFormat = "jpeg"
     output_quality: int = DEFAULT_OUTPUT_QUALITY
     loras: tuple[AppliedAdapter, ...] = ()
+    output_urls: tuple[str, ...] = ()
 
     @property
     def seeds(self) -> range:
@@ -127,11 +139,13 @@ class FluxEngine:
         prompt_cache: PromptEmbeddingCache | None = None,
         slots: LoraSlots | None = None,
         adapters: AdapterStore | None = None,
+        allow_private_urls: bool = False,
     ) -> None:
         self.pipe = pipe
         # The transformer's LoRA slots and where a request's adapters come from; None where LoRA is off.
         self.slots = slots
         self.adapters = adapters
+        self.allow_private_urls = allow_private_urls
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
@@ -183,6 +197,11 @@ class FluxEngine:
                 raise InvalidRequest(
                     "loras", f"{len(request.loras)} adapters, over this deployment's max_loras of {slots}"
                 )
+        for index, url in enumerate(request.output_urls or ()):
+            try:  # before any GPU time is spent on images that could not be delivered
+                check_url(url, self.allow_private_urls)
+            except FetchError as exc:
+                raise InvalidRequest(f"output_urls[{index}]", str(exc)) from exc
         if request.guidance_scale != SCHNELL_GUIDANCE:
             self._guidance_resets.record(request.guidance_scale)
         # A random seed leaves room for every image's: the last, seed + num_outputs - 1, is still a valid seed.
@@ -198,6 +217,7 @@ class FluxEngine:
             num_outputs=request.num_outputs,
             output_format=request.output_format,
             output_quality=request.output_quality,
+            output_urls=tuple(request.output_urls or ()),
         )
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
@@ -281,16 +301,29 @@ class FluxEngine:
         return pipe.image_processor.postprocess(pixels, output_type="pil")
 
     def respond(self, job: Job, images: list[Image.Image]) -> GenerateResponse:
-        encoded = [
-            GeneratedImage(data=to_base64(image, job.output_format, job.output_quality), seed=seed)
-            for image, seed in zip(images, job.seeds, strict=True)
+        """The images as base64, or uploaded to the job's output URLs (outside the pipeline's lock)."""
+        encoded = [encode(image, job.output_format, job.output_quality) for image in images]
+        inline = [
+            GeneratedImage(data=to_base64(data), seed=seed) for data, seed in zip(encoded, job.seeds, strict=True)
         ]
+        if not job.output_urls:
+            return self._response(job, inline)
+        for index, (url, data) in enumerate(zip(job.output_urls, encoded, strict=True)):
+            try:
+                put(url, data, CONTENT_TYPES[job.output_format], self.allow_private_urls)
+            except (UploadError, FetchError) as exc:
+                status = exc.status if isinstance(exc, UploadError) else None
+                raise UploadFailed(f"output_urls[{index}]", str(exc), status, self._response(job, inline)) from exc
+        uploaded = zip(job.output_urls, job.seeds, strict=True)
+        return self._response(job, [GeneratedImage(url=url, seed=seed) for url, seed in uploaded])
+
+    def _response(self, job: Job, images: list[GeneratedImage]) -> GenerateResponse:
         return GenerateResponse(
-            data=encoded[0].data,
+            data=images[0].data,
             seed=job.seed,
             width=job.resolution.width,
             height=job.resolution.height,
             format=job.output_format,
-            images=encoded,
+            images=images,
             loras=[AppliedLora(url=a.url, scale=a.scale, sha256=a.sha256) for a in job.loras],
         )

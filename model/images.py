@@ -27,7 +27,10 @@ class OnDevicePostprocessor(VaeImageProcessor):
         return [Image.fromarray(array) for array in rgb]
 
 
-def to_base64(image: Image.Image, output_format: OutputFormat, quality: int) -> str:
+CONTENT_TYPES: dict[OutputFormat, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+def encode(image: Image.Image, output_format: OutputFormat, quality: int) -> bytes:
     """The image encoded in `output_format`; `quality` applies to the lossy ones (jpeg, webp), png ignores it."""
     buffer = io.BytesIO()
     rgb = image.convert("RGB")
@@ -35,4 +38,8 @@ def to_base64(image: Image.Image, output_format: OutputFormat, quality: int) -> 
         rgb.save(buffer, format="PNG")
     else:
         rgb.save(buffer, format=output_format.upper(), quality=quality)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def to_base64(encoded: bytes) -> str:
+    return base64.b64encode(encoded).decode("ascii")

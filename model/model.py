@@ -80,12 +80,16 @@ class Model:
         if (device_error := self._health.device_error) is not None:
             # Every CUDA call fails after a sticky error: answer at once instead of queueing for a dead GPU.
             raise HTTPException(status_code=503, detail=gpu_failed_message(device_error, earlier=True))
-        from model.engine import InvalidRequest  # imported by load() already
+        from model.engine import InvalidRequest, UploadFailed  # imported by load() already
 
         try:
             response = self._engine.generate(request)
         except InvalidRequest as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
+        except UploadFailed as exc:
+            # The storage's failure, not this replica's: health is untouched, and the images travel in the answer.
+            detail = {"message": str(exc), "field": exc.field_name, "storage_status": exc.status}
+            raise HTTPException(status_code=502, detail={**detail, **exc.response.model_dump()}) from exc
         except Exception as exc:
             device_error = self._health.record_failure(exc)
             if device_error is None:

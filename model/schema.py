@@ -12,7 +12,15 @@ import math
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 # Defaults of FLUX.1-schnell: timestep-distilled for 4 steps without classifier-free guidance.
 DEFAULT_SIDE = 1024
@@ -36,7 +44,7 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_INTEGER_DIGITS = 19
 MAX_LORAS = 4  # adapters in one request; a deployment's max_loras may allow fewer
 MAX_LORA_SCALE = 4.0
-MAX_LORA_URL_CHARS = 2048
+MAX_URL_CHARS = 4096  # a presigned URL carries its signature in the query
 
 
 class LoraRequest(BaseModel):
@@ -46,7 +54,7 @@ class LoraRequest(BaseModel):
 
     url: str = Field(
         min_length=1,
-        max_length=MAX_LORA_URL_CHARS,
+        max_length=MAX_URL_CHARS,
         description="An https URL to a .safetensors file, a Hugging Face reference (owner/repo or "
         "owner/repo/file.safetensors), or a preset name of the deployment.",
     )
@@ -119,6 +127,12 @@ class GenerateRequest(BaseModel):
     output_quality: int = Field(
         default=DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="For jpeg and webp; png is lossless and ignores it."
     )
+    output_urls: list[str] | None = Field(
+        default=None,
+        max_length=MAX_OUTPUTS,
+        description="One presigned HTTP PUT URL per image: each image is uploaded there, and the response lists "
+        "the URLs instead of carrying base64.",
+    )
     loras: list[LoraRequest] = Field(
         default_factory=list,
         max_length=MAX_LORAS,
@@ -149,6 +163,16 @@ class GenerateRequest(BaseModel):
     def _not_with_a_size(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and (info.data.get("width") is not None or info.data.get("height") is not None):
             raise ValueError("give either aspect_ratio or width and height, not both")
+        return value
+
+    @field_validator("output_urls")
+    @classmethod
+    def _one_url_per_image(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        count = info.data.get("num_outputs", 1)
+        if value is not None and len(value) != count:
+            raise ValueError(f"one URL per image: {len(value)} URLs for num_outputs {count}")
+        if value is not None and any(len(url) > MAX_URL_CHARS for url in value):
+            raise ValueError(f"each URL must have at most {MAX_URL_CHARS} characters")
         return value
 
     @field_validator("seed")
@@ -205,8 +229,17 @@ def _decimal_integer(value: Decimal) -> int:
     return int(value)
 
 
-class GeneratedImage(BaseModel):
-    data: str = Field(description="The image, base64-encoded in the response's format.")
+class _WithoutNulls(BaseModel):
+    """Serialized without its unset fields: an image carries `data` or `url`, never a null beside it."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class GeneratedImage(_WithoutNulls):
+    data: str | None = Field(default=None, description="The image, base64-encoded in the response's format.")
+    url: str | None = Field(default=None, description="With output_urls: where the image was uploaded, instead.")
     seed: int = Field(description="This image's seed: a single-image request with it returns the same bytes.")
 
 
@@ -216,8 +249,10 @@ class AppliedLora(BaseModel):
     sha256: str = Field(description="The sha256 of the file applied: with the rest of the request, the same bytes.")
 
 
-class GenerateResponse(BaseModel):
-    data: str = Field(description="The first image, base64-encoded in `format`: the same as images[0].data.")
+class GenerateResponse(_WithoutNulls):
+    data: str | None = Field(
+        description="The first image, base64-encoded in `format`: the same as images[0].data; null with output_urls."
+    )
     seed: int = Field(description="The seed used; send it back to get the same images.")
     width: int
     height: int

@@ -25,8 +25,8 @@ from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings
 from tests.conftest import TINY_EAGER, RunningServer, start_server
 from tests.lora_files import kohya_state_dict, peft_state_dict, write
-from tests.lora_server import serving
 from tests.test_server import predict
+from tests.web_server import serving
 
 SLOTS, RANK = 2, 8
 BASE = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7, "num_inference_steps": 2}
