@@ -8,19 +8,22 @@ image in turn, and encodes them all in one `respond`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from PIL import Image
 
 from model.adapters import AdapterStore, AppliedAdapter
 from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
+from model.image_inputs import ImageInputError, open_image, read_image_bytes
 from model.images import CONTENT_TYPES, encode, to_base64
 from model.lora import AdapterError, LoraSlots, PreparedAdapter
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
@@ -122,11 +125,29 @@ class Job:
     output_quality: int = DEFAULT_OUTPUT_QUALITY
     loras: tuple[AppliedAdapter, ...] = ()
     output_urls: tuple[str, ...] = ()
+    # Image-to-image and inpainting: the sha256 of the input files, and how much is repainted.
+    image_sha256: str | None = None
+    mask_sha256: str | None = None
+    strength: float | None = None
 
     @property
     def seeds(self) -> range:
         """Each image's seed, in order: image i uses seed + i, so image 0 is the single-image request's."""
         return range(self.seed, self.seed + self.num_outputs)
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """A request's starting image, and its mask for inpainting, decoded (model.image_inputs)."""
+
+    image: Image.Image
+    mask: Image.Image | None
+    image_sha256: str
+    mask_sha256: str | None
+
+
+# Inputs by URL: the largest file fetched (a 16-megapixel PNG is at most ~48 MB).
+INPUT_IMAGE_MAX_BYTES = 64 << 20
 
 
 class FluxEngine:
@@ -146,6 +167,9 @@ class FluxEngine:
         self.slots = slots
         self.adapters = adapters
         self.allow_private_urls = allow_private_urls
+        # Image-to-image and inpainting: diffusers' pipelines over this one's modules, built at first use.
+        self._img2img_pipe: FluxImg2ImgPipeline | None = None
+        self._inpaint_pipe: FluxInpaintPipeline | None = None
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
@@ -166,8 +190,11 @@ class FluxEngine:
         """Whether `resolution` has its own static graphs; any other valid size runs on graphs not specialised to it."""
         return resolution in self.resolutions
 
-    def resolution_for(self, request: GenerateRequest) -> Resolution:
-        """The size a request asks for, by aspect ratio or by width and height, or InvalidRequest naming the field."""
+    def resolution_for(self, request: GenerateRequest, inputs: ImageInputs | None = None) -> Resolution:
+        """The size a request asks for, by aspect ratio or by width and height (else its image's, fitted to the
+        bounds), or InvalidRequest naming the field."""
+        if inputs is not None and request.aspect_ratio is None and request.width is None and request.height is None:
+            return self.fitted(*inputs.image.size)
         if request.aspect_ratio is not None:
             ratios = self.sizes.aspect_ratios
             if request.aspect_ratio not in ratios:
@@ -181,9 +208,42 @@ class FluxEngine:
             raise InvalidRequest(*problem)
         return Resolution(width, height)
 
-    def job_for(self, request: GenerateRequest) -> Job:
+    def fitted(self, width: int, height: int) -> Resolution:
+        """An input image's size scaled down to fit the bounds (never up), each side rounded down to the 16-grid."""
+        bounds = self.sizes.bounds
+        scale = min(
+            1.0, bounds.max_side / max(width, height), math.sqrt(bounds.max_megapixels * 1e6 / (width * height))
+        )
+        fit = Resolution(*(max(bounds.min_side, int(side * scale) // 16 * 16) for side in (width, height)))
+        if problem := bounds.problem(fit.width, fit.height):
+            raise InvalidRequest("image", f"{width}x{height} cannot be fitted ({problem[1]}): give width and height")
+        return fit
+
+    def read_inputs(self, request: GenerateRequest) -> ImageInputs | None:
+        """The request's image and mask, fetched or decoded before the pipeline's lock, or InvalidRequest."""
+        if request.image is None:
+            return None
+        images, digests = [], []
+        for field_name, source in (("image", request.image), ("mask", request.mask)):
+            if source is None:
+                continue
+            try:
+                data = read_image_bytes(source, INPUT_IMAGE_MAX_BYTES, self.allow_private_urls)
+                images.append(open_image(data, mask=field_name == "mask"))
+            except ImageInputError as exc:
+                raise InvalidRequest(field_name, str(exc)) from exc
+            digests.append(hashlib.sha256(data).hexdigest())
+        image, mask = images[0], images[1] if len(images) > 1 else None
+        if mask is not None and mask.size != image.size:
+            raise InvalidRequest(
+                "mask",
+                f"{mask.width}x{mask.height}, but the image is {image.width}x{image.height}: send the image's size",
+            )
+        return ImageInputs(image, mask, digests[0], digests[1] if mask is not None else None)
+
+    def job_for(self, request: GenerateRequest, inputs: ImageInputs | None = None) -> Job:
         """Apply the deployment's rules to a parsed request, raising InvalidRequest for what it cannot serve."""
-        resolution = self.resolution_for(request)
+        resolution = self.resolution_for(request, inputs)
         fitting = [n for n in self.text_lengths if n >= request.max_sequence_length]
         if not fitting:
             raise InvalidRequest("max_sequence_length", f"must be at most {self.text_lengths[-1]} on this deployment")
@@ -218,12 +278,16 @@ class FluxEngine:
             output_format=request.output_format,
             output_quality=request.output_quality,
             output_urls=tuple(request.output_urls or ()),
+            image_sha256=None if inputs is None else inputs.image_sha256,
+            mask_sha256=None if inputs is None else inputs.mask_sha256,
+            strength=None if inputs is None else request.strength,
         )
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
-        job = self.job_for(request)
+        inputs = self.read_inputs(request)
+        job = self.job_for(request, inputs)
         job, adapters = self.fetch_adapters(job, request)
-        return self.respond(job, self.run(job, adapters))
+        return self.respond(job, self.run(job, adapters, inputs))
 
     def fetch_adapters(self, job: Job, request: GenerateRequest) -> tuple[Job, list[PreparedAdapter]]:
         """The request's adapters, fetched and checked before the pipeline's lock: a slow URL stalls no other
@@ -243,14 +307,20 @@ class FluxEngine:
         return replace(job, loras=tuple(applied)), prepared
 
     @torch.inference_mode()
-    def run(self, job: Job, adapters: Sequence[PreparedAdapter] = ()) -> list[Image.Image]:
+    def run(
+        self, job: Job, adapters: Sequence[PreparedAdapter] = (), inputs: ImageInputs | None = None
+    ) -> list[Image.Image]:
         """The job's images in seed order, one after another, from one text encoding, with `adapters` (prepared
-        for `job.loras`) in the LoRA slots."""
+        for `job.loras`) in the LoRA slots, from `inputs` where the job starts from an image."""
         # A size compiled statically runs its own graph; any other runs the dynamic-shape one (model.compile).
         with self._lock, dynamic_graph(not self.is_static(job.resolution)):
             if self.slots is not None:
                 self.slots.apply([(a.sha256, p, a.scale) for a, p in zip(job.loras, adapters, strict=True)])
             embeds, pooled = self.encode_text(job)
+            if inputs is not None:
+                return [
+                    self.decode(self.repaint(job, inputs, embeds, pooled, seed), job.resolution) for seed in job.seeds
+                ]
             return [self.decode(self.denoise(job, embeds, pooled, seed), job.resolution) for seed in job.seeds]
 
     def encode_text(self, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +345,47 @@ class FluxEngine:
             output_type="latent",
             return_dict=False,
         )[0]
+
+    def repaint(
+        self, job: Job, inputs: ImageInputs, embeds: torch.Tensor, pooled: torch.Tensor, seed: int
+    ) -> torch.Tensor:
+        """Image-to-image, or inpainting with a mask: diffusers' pipelines for them, built from this one's modules
+        (no weight is loaded twice), so the compiled transformer runs their steps. Their noise comes from a CPU
+        generator, the same on every device."""
+        pipe = self._inpaint() if inputs.mask is not None else self._img2img()
+        extra = {"mask_image": inputs.mask} if inputs.mask is not None else {}
+        return pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            image=inputs.image,
+            width=job.resolution.width,
+            height=job.resolution.height,
+            strength=job.strength,
+            num_inference_steps=job.steps,
+            guidance_scale=SCHNELL_GUIDANCE,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="latent",
+            return_dict=False,
+            **extra,
+        )[0]
+
+    def _img2img(self) -> FluxImg2ImgPipeline:
+        if self._img2img_pipe is None:
+            self._img2img_pipe = self._sharing_modules(FluxImg2ImgPipeline)
+        return self._img2img_pipe
+
+    def _inpaint(self) -> FluxInpaintPipeline:
+        if self._inpaint_pipe is None:
+            self._inpaint_pipe = self._sharing_modules(FluxInpaintPipeline)
+        return self._inpaint_pipe
+
+    def _sharing_modules(self, cls: type[FluxImg2ImgPipeline | FluxInpaintPipeline]) -> FluxPipeline:
+        """A pipeline of `cls` over this one's modules. Not diffusers' from_pipe: it casts every module it shares
+        to its dtype argument, float32 by default, in place. The scheduler is a copy: it keeps per-call state."""
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        pipe = cls(**{**self.pipe.components, "scheduler": scheduler})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def noise(self, resolution: Resolution, seed: int, dtype: torch.dtype) -> torch.Tensor:
         """The packed starting latents of one image, made on the host as FluxPipeline makes them from a generator.

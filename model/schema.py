@@ -42,6 +42,7 @@ MAX_PROMPT_CHARS = 4000
 MAX_BODY_BYTES = 256 * 1024
 # Decimals (msgpack bodies only) of more digits are refused before conversion; valid values have at most 10.
 MAX_INTEGER_DIGITS = 19
+DEFAULT_STRENGTH = 0.8  # cog-flux's prompt strength
 MAX_LORAS = 4  # adapters in one request; a deployment's max_loras may allow fewer
 MAX_LORA_SCALE = 4.0
 MAX_URL_CHARS = 4096  # a presigned URL carries its signature in the query
@@ -127,6 +128,23 @@ class GenerateRequest(BaseModel):
     output_quality: int = Field(
         default=DEFAULT_OUTPUT_QUALITY, ge=1, le=100, description="For jpeg and webp; png is lossless and ignores it."
     )
+    image: str | None = Field(
+        default=None,
+        description="A starting image (PNG, JPEG or WebP) as an http(s) URL or base64: image-to-image, or "
+        "inpainting with `mask`. Without a size, the image's own, scaled down to fit the bounds.",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="With `image`: what to repaint (white) and keep (black), the image's size; URL or base64.",
+    )
+    strength: float = Field(
+        default=DEFAULT_STRENGTH,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="With `image`: how much of it is repainted, from just above 0 (little) to 1 (all); about "
+        "strength x num_inference_steps steps run.",
+    )
     output_urls: list[str] | None = Field(
         default=None,
         max_length=MAX_OUTPUTS,
@@ -163,6 +181,13 @@ class GenerateRequest(BaseModel):
     def _not_with_a_size(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and (info.data.get("width") is not None or info.data.get("height") is not None):
             raise ValueError("give either aspect_ratio or width and height, not both")
+        return value
+
+    @field_validator("mask")
+    @classmethod
+    def _only_with_an_image(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("image") is None:
+            raise ValueError("a mask needs an image to repaint: send `image` too")
         return value
 
     @field_validator("output_urls")
@@ -206,7 +231,7 @@ class GenerateRequest(BaseModel):
             return _decimal_integer(value)
         return value
 
-    @field_validator("guidance_scale", mode="before")
+    @field_validator("guidance_scale", "strength", mode="before")
     @classmethod
     def _no_bool(cls, value: object) -> object:
         if isinstance(value, bool):
