@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
+from PIL import Image
 
 from model import precompile
 from model.adapters import AdapterStore
@@ -32,7 +33,7 @@ from model.cache import (
 )
 from model.compat import compile_counts
 from model.compile import compile_pipeline
-from model.engine import FluxEngine, Job
+from model.engine import FluxEngine, ImageInputs, Job
 from model.lora import LoraSlots
 from model.optimize import block_hook, configure_process, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
@@ -278,6 +279,7 @@ def prepare(
             report.dynamic_check = check_a_size_never_warmed_up(engine)
         elif dynamic:
             report.dynamic_check = "not run: every function came from the cache, checked when it was compiled"
+        report.warmup.extend(warm_up_image_to_image(engine))
         report.compiled = True
         # From here on a request never compiles: a graph whose guards fail runs eagerly instead (model.graph_route
         # makes every served size find one).
@@ -409,6 +411,27 @@ def warm_up(
             "" if runs == 1 else "s",
         )
     report.compiled = CompileCounters.now() - before
+    return report
+
+
+def warm_up_image_to_image(engine: FluxEngine) -> WarmupReport:
+    """Image-to-image once per static size. Its steps run the compiled transformer as text-to-image ones do, and
+    compile nothing (tests/test_image_inputs.py, inpainting too); this runs the VAE's encoder, which is not compiled,
+    at each size before a request does. Inpainting encodes with the same encoder at the same sizes."""
+    report = WarmupReport()
+    before = CompileCounters.now()
+    for resolution in engine.resolutions:
+        started = time.perf_counter()
+        grey = Image.new("RGB", (resolution.width, resolution.height), (128, 128, 128))
+        job = replace(_warmup_job(resolution, engine.text_lengths[0]), strength=1.0)
+        engine.run(job, (), ImageInputs(grey, None, "warm-up", None))
+        shape = f"{resolution}@image"
+        report.seconds_per_shape[shape] = round(time.perf_counter() - started, 3)
+        report.runs_per_shape[shape] = 1
+    report.compiled = CompileCounters.now() - before
+    log.info(
+        "warm-up of image-to-image at %d sizes: %.1f s", len(engine.resolutions), sum(report.seconds_per_shape.values())
+    )
     return report
 
 
