@@ -19,7 +19,7 @@ from starlette.requests import Request
 from model.health import ReplicaHealth, gpu_failed_message
 from model.precision import gpu_facts
 from model.restore import PendingRestore, begin_restore
-from model.schema import MAX_BODY_BYTES, GenerateRequest, GenerateResponse
+from model.schema import GenerateRequest, GenerateResponse
 from model.settings import Settings
 
 if TYPE_CHECKING:  # the engine's modules import diffusers: load() imports them once the cache restore has started
@@ -63,15 +63,16 @@ class Model:
         log.info("serving %s, static sizes %s; %s", settings.model_source, settings.resolutions, settings.bounds)
 
     async def preprocess(self, request: GenerateRequest, raw_request: Request) -> GenerateRequest:
-        """Refuse a body over MAX_BODY_BYTES, measured on the bytes received: a chunked body declares no length.
+        """Refuse a body over `max_body_mb`, measured on the bytes received: a chunked body declares no length.
 
         Truss has read and parsed the whole body before this runs, so this bounds no memory: only the platform's
         ingress limit bounds the read. It gives every oversized body that parsed the same answer.
         """
         # The server's own Request, whose body Truss has read already: this returns that copy.
         received = len(await raw_request.body())
-        if received > MAX_BODY_BYTES:
-            raise HTTPException(status_code=413, detail=f"request body of {received} bytes, over {MAX_BODY_BYTES}")
+        limit = int(self._settings.max_body_mb * 2**20)
+        if received > limit:
+            raise HTTPException(status_code=413, detail=f"request body of {received} bytes, over {limit}")
         return request
 
     def predict(self, request: GenerateRequest, raw_request: Request) -> GenerateResponse:

@@ -38,8 +38,6 @@ RequestedFormat = Literal["jpeg", "jpg", "png", "webp"]
 DEFAULT_OUTPUT_QUALITY = 90
 # Checked before tokenization, so a multi-megabyte prompt never reaches the tokenizer.
 MAX_PROMPT_CHARS = 4000
-# The largest valid body (two 4000-character prompts of escaped astral characters) is under 100 KB.
-MAX_BODY_BYTES = 256 * 1024
 # Decimals (msgpack bodies only) of more digits are refused before conversion; valid values have at most 10.
 MAX_INTEGER_DIGITS = 19
 DEFAULT_STRENGTH = 0.8  # cog-flux's prompt strength
