@@ -144,7 +144,9 @@ class Settings(BaseSettings):
     lora_disk_mb: pydantic.PositiveInt = Field(20_000, description="disk for downloaded adapters, least recent out")
     # Two 4000-character prompts of escaped astral characters are under 100 KB; a 2-megapixel PNG in base64 with
     # its mask is under 12 MB. URLs are the way for larger inputs, and for async requests (capped at 256 KiB).
-    max_body_mb: pydantic.PositiveFloat = Field(12, description="the largest request body; one with an inline image must fit")
+    max_body_mb: pydantic.PositiveFloat = Field(
+        12, description="the largest request body; one with an inline image must fit"
+    )
     allow_private_urls: bool = Field(
         False, description="also fetch http and loopback or private addresses: for local development and tests"
     )
