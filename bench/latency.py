@@ -286,6 +286,7 @@ def child(
         result["saturation"] = saturation(model, first_request, clients)
     if engine.slots is not None:
         result["lora"] = lora_figures(model, first_request, workdir, lora_rank, max(runs, 3))
+    result["images_in_and_out"] = image_figures(model, first_request, workdir, max(runs, 3))
     job = engine.job_for(first_request)
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
@@ -372,6 +373,52 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
         ]
         times = [timed(lambda body=body: model.predict(body, NO_BODY)) for body in alternating]  # type: ignore[attr-defined]
         out["p50_another_adapter_every_request_s"] = round(statistics.median(times), 4)
+    return out
+
+
+def image_figures(model: object, request: object, workdir: Path, runs: int) -> dict:
+    """p50 of image-to-image at strength 0.5 and 1.0 and of inpainting at the first size, the starting image
+    inline, and the seconds to upload one image to a PUT server on loopback (output_urls)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from tests.harness import NO_BODY
+    from tests.web_server import web_server
+
+    def p50(body: object) -> float:
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            model.predict(body, NO_BODY)  # type: ignore[attr-defined]
+            times.append(time.perf_counter() - started)
+        return round(statistics.median(times), 4)
+
+    width, height = request.width, request.height  # type: ignore[attr-defined]
+    picture = Image.effect_noise((width, height), 64).convert("RGB")
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+
+    def inline(image: Image.Image) -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    out: dict = {}
+    for strength in (0.5, 1.0):
+        out[f"p50_image_to_image_strength_{strength}_s"] = p50(
+            request.model_copy(update={"image": inline(picture), "strength": strength})  # type: ignore[attr-defined]
+        )
+    out["p50_inpainting_s"] = p50(request.model_copy(update={"image": inline(picture), "mask": inline(mask)}))  # type: ignore[attr-defined]
+    engine = model._engine  # type: ignore[attr-defined]
+    previous, engine.allow_private_urls = engine.allow_private_urls, True  # the storage is on loopback
+    try:
+        with web_server(workdir) as storage:
+            body = request.model_copy(update={"output_urls": [f"{storage.base}/put/out.jpg"]})  # type: ignore[attr-defined]
+            out["p50_with_upload_s"] = p50(body)
+    finally:
+        engine.allow_private_urls = previous
     return out
 
 

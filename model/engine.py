@@ -379,7 +379,9 @@ class FluxEngine:
             self._inpaint_pipe = self._sharing_modules(FluxInpaintPipeline)
         return self._inpaint_pipe
 
-    def _sharing_modules(self, cls: type[FluxImg2ImgPipeline | FluxInpaintPipeline]) -> FluxPipeline:
+    def _sharing_modules(
+        self, cls: type[FluxImg2ImgPipeline | FluxInpaintPipeline]
+    ) -> FluxImg2ImgPipeline | FluxInpaintPipeline:
         """A pipeline of `cls` over this one's modules. Not diffusers' from_pipe: it casts every module it shares
         to its dtype argument, float32 by default, in place. The scheduler is a copy: it keeps per-call state."""
         scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)

@@ -7,13 +7,15 @@ everywhere, and on the full-size architecture (random bf16 weights) where a CUDA
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.coldstart import CompileCounters
-from model.engine import FluxEngine, Job
+from model.engine import FluxEngine, ImageInputs, Job
 from model.graph_route import on_dynamic_graph
 from model.model import Model
 from model.resolutions import Resolution
@@ -84,6 +86,23 @@ def test_sizes_never_seen_compile_nothing(served: tuple[Model, np.ndarray]) -> N
             [image] = engine.run(job(size, text_length))
             assert image.size == (size.width, size.height)
     assert CompileCounters.now() - before == CompileCounters(0, 0, 0, 0, 0)
+
+
+def test_image_to_image_and_inpainting_compile_nothing(served: tuple[Model, np.ndarray]) -> None:
+    """Their steps run the compiled transformer as text-to-image ones do, at the static size and on the any-size
+    graph; load() warmed up only image-to-image at the static size."""
+    engine = served[0]._engine
+    grey = Image.new("RGB", (300, 260), (128, 128, 128))
+    mask = Image.new("L", grey.size, 0)
+    mask.paste(255, (60, 60, 200, 200))
+    before = CompileCounters.now()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for size in (STATIC, Resolution(1008, 784)):
+            for inputs in (ImageInputs(grey, None, "a", None), ImageInputs(grey, mask, "a", "m")):
+                [image] = engine.run(replace(job(size, 256), strength=0.5), (), inputs)
+                assert image.size == (size.width, size.height)
+    assert CompileCounters.now() - before == CompileCounters(0, 0, 0, 0, 0)
+    assert {f"{STATIC}@image"} <= set(served[0].cold_start.warmup.runs_per_shape)
 
 
 def test_a_static_size_keeps_its_own_graph_after_other_sizes(served: tuple[Model, np.ndarray]) -> None:

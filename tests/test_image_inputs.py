@@ -10,15 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from model.artifacts import CompileArtifacts
-from model.compile import compile_pipeline
 from model.engine import FluxEngine, InvalidRequest
-from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
-from model.settings import CompileSettings
 from tests.conftest import RunningServer, start_server, tiny_engine
 from tests.test_server import predict
 from tests.web_server import WebServer, web_server
@@ -146,20 +141,6 @@ def test_a_missing_input_url_is_refused(local_engine: FluxEngine, files: WebServ
 def test_the_schema_refuses_a_mask_alone_and_strength_out_of_range(fields: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         GenerateRequest(**BODY, **fields)
-
-
-def test_image_paths_compile_nothing_after_the_warm_up(settings, tmp_path: Path) -> None:
-    """The compiled transformer runs image-to-image and inpainting steps as it runs text-to-image ones, at a static
-    size and on the any-size graph."""
-    engine = tiny_engine(settings)
-    engine.resolutions = ResolutionRegistry.coerce(["256x256"])
-    compile_pipeline(engine.pipe, CompileSettings(vae=False), 1, CompileArtifacts(tmp_path, "images"))
-    for size in ((256, 256), (288, 256)):  # static, then any-size
-        engine.generate(GenerateRequest(**BODY, width=size[0], height=size[1]))
-    torch.compiler.set_stance("fail_on_recompile")
-    for size in ((256, 256), (288, 256)):
-        for fields in ({"image": b64(PICTURE)}, {"image": b64(PICTURE), "mask": b64(MASK_PNG), "strength": 0.5}):
-            assert engine.generate(GenerateRequest(**BODY, width=size[0], height=size[1], **fields)).data
 
 
 @pytest.fixture(scope="module")
