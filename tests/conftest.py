@@ -160,6 +160,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     yield from start_server(tmp_path_factory.mktemp("server"), {})
 
 
+# The open server's LoRA slots: tests/test_lora.py writes adapters of these.
+OPEN_SERVER_LORAS, OPEN_SERVER_LORA_RANK = 2, 8
+
+
+@pytest.fixture(scope="session")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """The real Truss server as `FLUX_MAX_LORAS=2 FLUX_ALLOW_PRIVATE_URLS=1 make serve` starts it: LoRA on, and the
+    loopback servers of the tests (adapters, input images, uploads) reachable."""
+    env = {
+        "FLUX_MAX_LORAS": str(OPEN_SERVER_LORAS),
+        "FLUX_MAX_LORA_RANK": str(OPEN_SERVER_LORA_RANK),
+        "FLUX_ALLOW_PRIVATE_URLS": "1",
+        "HOME": str(tmp_path_factory.mktemp("home")),  # the adapters' disk cache lives under the home directory
+    }
+    yield from start_server(tmp_path_factory.mktemp("open-server"), env)
+
+
 @pytest.fixture
 def b10fs(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.SimpleNamespace]:
     """The real b10-transfer against a fresh directory under /cache/model, as Baseten mounts b10fs there."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.engine import FluxEngine, InvalidRequest
 from model.schema import GenerateRequest
-from tests.conftest import RunningServer, start_server, tiny_engine
+from tests.conftest import RunningServer, tiny_engine
 from tests.test_server import predict
 from tests.web_server import WebServer, web_server
 
@@ -143,20 +143,13 @@ def test_the_schema_refuses_a_mask_alone_and_strength_out_of_range(fields: dict,
         GenerateRequest(**BODY, **fields)
 
 
-@pytest.fixture(scope="module")
-def inputs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    yield from start_server(tmp_path_factory.mktemp("inputs-server"), {"FLUX_ALLOW_PRIVATE_URLS": "1"})
-
-
 @pytest.mark.slow
-def test_over_http_an_image_by_url_or_inline_gives_the_same_bytes(
-    inputs_server: RunningServer, files: WebServer
-) -> None:
-    by_url = predict(inputs_server, {**BODY, "image": f"{files.base}/files/picture.png"})
+def test_over_http_an_image_by_url_or_inline_gives_the_same_bytes(open_server: RunningServer, files: WebServer) -> None:
+    by_url = predict(open_server, {**BODY, "image": f"{files.base}/files/picture.png"})
     assert by_url.status_code == 200, by_url.text
-    inline = predict(inputs_server, {**BODY, "image": b64(PICTURE)})
+    inline = predict(open_server, {**BODY, "image": b64(PICTURE)})
     assert inline.json()["data"] == by_url.json()["data"]
     assert (by_url.json()["width"], by_url.json()["height"]) == (288, 256)
-    refused = predict(inputs_server, {**BODY, "image": b64(b"not an image")})
+    refused = predict(open_server, {**BODY, "image": b64(b"not an image")})
     assert refused.status_code == 400 and "image" in refused.text
-    assert predict(inputs_server, BODY).status_code == 200, "the replica stays healthy"
+    assert predict(open_server, BODY).status_code == 200, "the replica stays healthy"

@@ -23,12 +23,12 @@ from model.pipeline import load_pipeline
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
 from model.settings import CompileSettings, Settings
-from tests.conftest import TINY_EAGER, RunningServer, start_server
+from tests.conftest import OPEN_SERVER_LORA_RANK, OPEN_SERVER_LORAS, TINY_EAGER, RunningServer
 from tests.lora_files import kohya_state_dict, peft_state_dict, write
 from tests.test_server import predict
 from tests.web_server import serving
 
-SLOTS, RANK = 2, 8
+SLOTS, RANK = OPEN_SERVER_LORAS, OPEN_SERVER_LORA_RANK  # the open server's, so its adapters fit both
 BASE = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7, "num_inference_steps": 2}
 
 
@@ -267,28 +267,15 @@ def test_files_are_kept_by_content_within_the_disk_budget(tmp_path: Path) -> Non
     assert kept == [sha_a], "b, least recently used, went past the budget; a, just read, stays"
 
 
-@pytest.fixture(scope="module")
-def lora_server(tmp_path_factory: pytest.TempPathFactory, files: tuple[Path, str]) -> Iterator[RunningServer]:
-    """The real Truss server with LoRA on, as `FLUX_MAX_LORAS=2 FLUX_ALLOW_PRIVATE_URLS=1 make serve` starts it."""
-    home = tmp_path_factory.mktemp("home")  # its adapters' disk cache lives under the home directory
-    env = {
-        "FLUX_MAX_LORAS": str(SLOTS),
-        "FLUX_MAX_LORA_RANK": str(RANK),
-        "FLUX_ALLOW_PRIVATE_URLS": "1",
-        "HOME": str(home),
-    }
-    yield from start_server(tmp_path_factory.mktemp("lora-server"), env)
-
-
 @pytest.mark.slow
 def test_over_http_an_adapter_is_applied_and_a_bad_one_is_a_400(
-    lora_server: RunningServer, served: tuple[FluxEngine, str, Path]
+    open_server: RunningServer, served: tuple[FluxEngine, str, Path]
 ) -> None:
     _, base, root = served
     body = {**BASE, "width": 1024, "height": 1024}
-    plain = predict(lora_server, body).json()
+    plain = predict(open_server, body).json()
     lora = {"url": f"{base}/files/peft.safetensors", "scale": 0.5}
-    response = predict(lora_server, {**body, "loras": [lora]})
+    response = predict(open_server, {**body, "loras": [lora]})
     assert response.status_code == 200, response.text
     adapted = response.json()
     assert adapted["data"] != plain["data"]
@@ -299,9 +286,9 @@ def test_over_http_an_adapter_is_applied_and_a_bad_one_is_a_400(
         ({"url": f"{base}/files/peft.safetensors", "scale": 4.5}, "scale"),
         ({"url": f"{base}/files/peft.safetensors", "weight": 1}, "weight"),
     ]:
-        refused = predict(lora_server, {**body, "loras": [bad]})
+        refused = predict(open_server, {**body, "loras": [bad]})
         assert refused.status_code == 400 and field in refused.text, refused.text
-    assert predict(lora_server, body).json()["data"] == plain["data"]
+    assert predict(open_server, body).json()["data"] == plain["data"]
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from PIL import Image
 from model import engine as engine_module
 from model.engine import FluxEngine, InvalidRequest, UploadFailed
 from model.schema import GenerateRequest
-from tests.conftest import RunningServer, start_server, tiny_engine
+from tests.conftest import RunningServer, tiny_engine
 from tests.test_server import predict
 from tests.web_server import WebServer, web_server
 
@@ -103,26 +103,21 @@ def test_one_url_per_image() -> None:
         GenerateRequest(**BODY, num_outputs=2, output_urls=["https://example.com/a.jpg"])
 
 
-@pytest.fixture(scope="module")
-def upload_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    yield from start_server(tmp_path_factory.mktemp("upload-server"), {"FLUX_ALLOW_PRIVATE_URLS": "1"})
-
-
 @pytest.mark.slow
 def test_over_http_images_go_to_their_urls_and_a_failed_upload_is_a_502_carrying_them(
-    upload_server: RunningServer, storage: WebServer
+    open_server: RunningServer, storage: WebServer
 ) -> None:
     body = {**BODY, "width": 1024, "height": 1024}
-    response = predict(upload_server, {**body, "output_urls": [f"{storage.base}/put/http.jpg"]})
+    response = predict(open_server, {**body, "output_urls": [f"{storage.base}/put/http.jpg"]})
     assert response.status_code == 200, response.text
     assert response.json()["images"] == [{"url": f"{storage.base}/put/http.jpg", "seed": 7}]
     assert "data" not in response.json()
     assert storage.uploads["/put/http.jpg"][0] == "image/jpeg"
-    failed = predict(upload_server, {**body, "output_urls": [f"{storage.base}/put-403/http.jpg"]})
+    failed = predict(open_server, {**body, "output_urls": [f"{storage.base}/put-403/http.jpg"]})
     assert failed.status_code == 502, failed.text
     error = failed.json()["error"]
     assert error["field"] == "output_urls[0]" and error["storage_status"] == 403
     assert error["images"][0]["data"] == error["data"] and error["data"]
-    assert requests.get(upload_server.url("/v1/models/model"), timeout=10).status_code == 200, "still healthy"
-    refused = predict(upload_server, {**body, "output_urls": ["ftp://example.com/a.jpg"]})
+    assert requests.get(open_server.url("/v1/models/model"), timeout=10).status_code == 200, "still healthy"
+    refused = predict(open_server, {**body, "output_urls": ["ftp://example.com/a.jpg"]})
     assert refused.status_code == 400 and "output_urls[0]" in refused.text
