@@ -279,7 +279,8 @@ def prepare(
             report.dynamic_check = check_a_size_never_warmed_up(engine)
         elif dynamic:
             report.dynamic_check = "not run: every function came from the cache, checked when it was compiled"
-        report.warmup.extend(warm_up_image_to_image(engine))
+        if torch.cuda.is_available():  # a CPU loads nothing lazily: there it only cost each start 4-5 s (tiny)
+            report.warmup.extend(warm_up_image_to_image(engine))
         report.compiled = True
         # From here on a request never compiles: a graph whose guards fail runs eagerly instead (model.graph_route
         # makes every served size find one).
@@ -416,7 +417,7 @@ def warm_up(
 
 def warm_up_image_to_image(engine: FluxEngine) -> WarmupReport:
     """Image-to-image once per static size. Its steps run the compiled transformer as text-to-image ones do, and
-    compile nothing (tests/test_image_inputs.py, inpainting too); this runs the VAE's encoder, which is not compiled,
+    compile nothing (tests/test_dynamic_sizes.py, inpainting too); this runs the VAE's encoder, which is not compiled,
     at each size before a request does. Inpainting encodes with the same encoder at the same sizes."""
     report = WarmupReport()
     before = CompileCounters.now()

@@ -90,7 +90,7 @@ def test_sizes_never_seen_compile_nothing(served: tuple[Model, np.ndarray]) -> N
 
 def test_image_to_image_and_inpainting_compile_nothing(served: tuple[Model, np.ndarray]) -> None:
     """Their steps run the compiled transformer as text-to-image ones do, at the static size and on the any-size
-    graph; load() warmed up only image-to-image at the static size."""
+    graph; on a GPU load() also ran image-to-image once at the static size, for the VAE's encoder."""
     engine = served[0]._engine
     grey = Image.new("RGB", (300, 260), (128, 128, 128))
     mask = Image.new("L", grey.size, 0)
@@ -102,7 +102,8 @@ def test_image_to_image_and_inpainting_compile_nothing(served: tuple[Model, np.n
                 [image] = engine.run(replace(job(size, 256), strength=0.5), (), inputs)
                 assert image.size == (size.width, size.height)
     assert CompileCounters.now() - before == CompileCounters(0, 0, 0, 0, 0)
-    assert {f"{STATIC}@image"} <= set(served[0].cold_start.warmup.runs_per_shape)
+    warmed = set(served[0].cold_start.warmup.runs_per_shape)
+    assert (f"{STATIC}@image" in warmed) == torch.cuda.is_available(), "warmed up on a GPU, where kernels load lazily"
 
 
 def test_a_static_size_keeps_its_own_graph_after_other_sizes(served: tuple[Model, np.ndarray]) -> None:
