@@ -33,11 +33,12 @@ from model.cache import (
 )
 from model.compat import compile_counts
 from model.compile import compile_pipeline
-from model.engine import FluxEngine, ImageInputs, Job
+from model.engine import FluxEngine, Job
 from model.lora import LoraSlots
 from model.optimize import block_hook, configure_process, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
 from model.prompt_cache import PromptEmbeddingCache
+from model.repaint import ImageInputs
 from model.resolutions import Resolution
 from model.restore import PendingRestore, joined, on_a_thread
 from model.settings import LORA_DIR, CompileSettings, Settings

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from diffusers import FluxPipeline
 from PIL import Image
 
 from model.adapters import AdapterStore, AppliedAdapter
@@ -29,6 +29,7 @@ from model.lora import AdapterError, LoraSlots, PreparedAdapter
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
 from model.remote import FetchError, UploadError, check_url, put
+from model.repaint import ImageInputs, Repainter
 from model.resolutions import Resolution, ResolutionRegistry, ServedSizes
 from model.schema import (
     DEFAULT_OUTPUT_QUALITY,
@@ -136,16 +137,6 @@ class Job:
         return range(self.seed, self.seed + self.num_outputs)
 
 
-@dataclass(frozen=True)
-class ImageInputs:
-    """A request's starting image, and its mask for inpainting, decoded (model.image_inputs)."""
-
-    image: Image.Image
-    mask: Image.Image | None
-    image_sha256: str
-    mask_sha256: str | None
-
-
 # Inputs by URL: the largest file fetched (a 16-megapixel PNG is at most ~48 MB).
 INPUT_IMAGE_MAX_BYTES = 64 << 20
 
@@ -167,9 +158,7 @@ class FluxEngine:
         self.slots = slots
         self.adapters = adapters
         self.allow_private_urls = allow_private_urls
-        # Image-to-image and inpainting: diffusers' pipelines over this one's modules, built at first use.
-        self._img2img_pipe: FluxImg2ImgPipeline | None = None
-        self._inpaint_pipe: FluxInpaintPipeline | None = None
+        self._repainter = Repainter(pipe)
         self.resolutions = resolutions
         self.text_lengths = tuple(sorted(set(text_lengths)))
         # The declared defaults when not given: an engine that only runs jobs (a warm-up, a test) validates none.
@@ -349,45 +338,9 @@ class FluxEngine:
     def repaint(
         self, job: Job, inputs: ImageInputs, embeds: torch.Tensor, pooled: torch.Tensor, seed: int
     ) -> torch.Tensor:
-        """Image-to-image, or inpainting with a mask: diffusers' pipelines for them, built from this one's modules
-        (no weight is loaded twice), so the compiled transformer runs their steps. Their noise comes from a CPU
-        generator, the same on every device."""
-        pipe = self._inpaint() if inputs.mask is not None else self._img2img()
-        extra = {"mask_image": inputs.mask} if inputs.mask is not None else {}
-        return pipe(
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
-            image=inputs.image,
-            width=job.resolution.width,
-            height=job.resolution.height,
-            strength=job.strength,
-            num_inference_steps=job.steps,
-            guidance_scale=SCHNELL_GUIDANCE,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="latent",
-            return_dict=False,
-            **extra,
-        )[0]
-
-    def _img2img(self) -> FluxImg2ImgPipeline:
-        if self._img2img_pipe is None:
-            self._img2img_pipe = self._sharing_modules(FluxImg2ImgPipeline)
-        return self._img2img_pipe
-
-    def _inpaint(self) -> FluxInpaintPipeline:
-        if self._inpaint_pipe is None:
-            self._inpaint_pipe = self._sharing_modules(FluxInpaintPipeline)
-        return self._inpaint_pipe
-
-    def _sharing_modules(
-        self, cls: type[FluxImg2ImgPipeline | FluxInpaintPipeline]
-    ) -> FluxImg2ImgPipeline | FluxInpaintPipeline:
-        """A pipeline of `cls` over this one's modules. Not diffusers' from_pipe: it casts every module it shares
-        to its dtype argument, float32 by default, in place. The scheduler is a copy: it keeps per-call state."""
-        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        pipe = cls(**{**self.pipe.components, "scheduler": scheduler})
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        """Image-to-image, or inpainting with a mask (model.repaint): the packed latents of one image."""
+        assert job.strength is not None  # a job made from inputs has one
+        return self._repainter(inputs, embeds, pooled, job.resolution, job.steps, job.strength, seed)
 
     def noise(self, resolution: Resolution, seed: int, dtype: torch.dtype) -> torch.Tensor:
         """The packed starting latents of one image, made on the host as FluxPipeline makes them from a generator.

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from model.coldstart import CompileCounters
-from model.engine import FluxEngine, ImageInputs, Job
+from model.engine import FluxEngine, Job
 from model.graph_route import on_dynamic_graph
 from model.model import Model
+from model.repaint import ImageInputs
 from model.resolutions import Resolution
 from model.settings import config_metadata
 
