@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import torch
 
 from model.lora import AdapterError, PreparedAdapter, network_alphas, prepare
-from model.remote import FetchError, FetchPolicy, fetch
+from model.remote import FetchError, FetchPolicy, fetch, fetch_bytes
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +144,12 @@ class AdapterStore:
         return f"{HF_ENDPOINT}/{repo}/resolve/main/{quote(file)}", headers, host
 
     def _only_safetensors(self, repo: str, headers: dict[str, str], host: str) -> str:
-        listing = Path(tempfile.mkstemp(dir=self.directory, suffix=".json")[1])
+        policy = FetchPolicy(8 << 20, 30, self.policy.allow_private)
+        listing = fetch_bytes(f"{HF_ENDPOINT}/api/models/{repo}", policy, headers, host)
         try:
-            policy = FetchPolicy(8 << 20, 30, self.policy.allow_private)
-            fetch(f"{HF_ENDPOINT}/api/models/{repo}", listing, policy, headers, host)
-            try:
-                files = [entry["rfilename"] for entry in json.loads(listing.read_text())["siblings"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise FetchError(f"the hub's listing of {repo} could not be read") from exc
-        finally:
-            listing.unlink(missing_ok=True)
+            files = [entry["rfilename"] for entry in json.loads(listing)["siblings"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FetchError(f"the hub's listing of {repo} could not be read") from exc
         candidates = [name for name in files if name.endswith(".safetensors")]
         if len(candidates) != 1:
             found = ", ".join(candidates[:5]) or "none"

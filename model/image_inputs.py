@@ -11,13 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import tempfile
 import warnings
-from pathlib import Path
 
 from PIL import Image
 
-from model.remote import FetchError, FetchPolicy, fetch
+from model.remote import FetchError, FetchPolicy, fetch_bytes
 
 FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_INPUT_MEGAPIXELS = 16.0  # larger inputs are refused before decoding; every served size is at most 2 MP
@@ -32,13 +30,10 @@ def read_image_bytes(source: str, max_bytes: int, allow_private: bool) -> bytes:
     """The bytes `source` names: an http(s) URL, fetched under the same rules as every URL, or base64 (optionally
     a data: URI)."""
     if "://" in source[:16]:
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / "image"
-            try:
-                fetch(source, path, FetchPolicy(max_bytes, FETCH_TIMEOUT_S, allow_private))
-            except FetchError as exc:
-                raise ImageInputError(str(exc)) from exc
-            return path.read_bytes()
+        try:
+            return fetch_bytes(source, FetchPolicy(max_bytes, FETCH_TIMEOUT_S, allow_private))
+        except FetchError as exc:
+            raise ImageInputError(str(exc)) from exc
     payload = source.split(",", 1)[1] if source.startswith("data:") else source
     try:
         return base64.b64decode(payload, validate=True)

@@ -14,11 +14,12 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 CHUNK_BYTES = 1 << 20
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -82,16 +83,13 @@ def check_url(url: str, allow_private: bool) -> None:
     """Refuse a URL's scheme, credentials or a literal private address now, before any work is done for it; a name
     is resolved and checked when it is connected to."""
     parts = urlsplit(url)
-    policy = FetchPolicy(max_bytes=0, allow_private=allow_private)
-    _scheme(parts.scheme, policy)
-    if parts.username is not None or parts.password is not None:
-        raise FetchError("credentials in the URL are not accepted")
+    _check_scheme_and_credentials(parts, allow_private)
     host = parts.hostname or ""
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
         return
-    if not allow_private and (not literal.is_global or literal.is_multicast):
+    if not allow_private and not _public(literal):
         raise FetchError(f"{host} is a private, loopback or reserved address (allowed only with allow_private_urls)")
 
 
@@ -126,19 +124,33 @@ def put(
     raise UploadError(f"the upload to {parts.hostname} failed after {attempt + 1} attempt(s): {answer}", status)
 
 
-def _scheme(scheme: str, policy: FetchPolicy) -> None:
-    allowed = ("https", "http") if policy.allow_private else ("https",)
-    if scheme.lower() not in allowed:
-        hint = "" if policy.allow_private else " (http and private addresses need allow_private_urls)"
-        raise FetchError(f"the scheme must be https, not {scheme or 'none'!r}{hint}")
+def _check_scheme_and_credentials(parts: SplitResult, allow_private: bool) -> None:
+    allowed = ("https", "http") if allow_private else ("https",)
+    if parts.scheme.lower() not in allowed:
+        hint = "" if allow_private else " (http and private addresses need allow_private_urls)"
+        raise FetchError(f"the scheme must be https, not {parts.scheme or 'none'!r}{hint}")
+    if parts.username is not None or parts.password is not None:
+        raise FetchError("credentials in the URL are not accepted")
+
+
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not ip.is_multicast
+
+
+def fetch_bytes(
+    url: str, policy: FetchPolicy, headers: Mapping[str, str] | None = None, header_host: str = ""
+) -> bytes:
+    """`fetch`, into memory: streamed to a temporary file under the same cap first."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "body"
+        fetch(url, path, policy, headers, header_host)
+        return path.read_bytes()
 
 
 def _connect(url: str, policy: FetchPolicy, deadline: float) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    _scheme(scheme, policy)
-    if parts.username is not None or parts.password is not None:
-        raise FetchError("credentials in the URL are not accepted")
+    _check_scheme_and_credentials(parts, policy.allow_private)
     host = parts.hostname
     if not host:
         raise FetchError("the URL names no host")
@@ -162,8 +174,7 @@ def _checked_address(host: str, port: int, allow_private: bool) -> str:
     addresses = [str(info[4][0]) for info in infos]
     if not allow_private:
         for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global or ip.is_multicast:
+            if not _public(ipaddress.ip_address(address.split("%")[0])):
                 raise FetchError(
                     f"{host} resolves to {address}, a private, loopback or reserved address (allowed only with "
                     "allow_private_urls)"
