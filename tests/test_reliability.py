@@ -84,9 +84,14 @@ def names_the_field_or_the_reason(message: str, sent_keys: set[str]) -> bool:
         # Truss lists each pydantic error as "`field`: what is wrong"; the body itself is the empty location.
         named = {*FIELDS, *sent_keys} - {""}
         reasons = [*ROOT_REASONS, *(["Extra inputs are not permitted"] if "" in sent_keys else [])]
-        return any(f"`{name}`: " in message for name in named) or any(f"``: {why}" in message for why in reasons)
-    # The engine's 400s start with the field they refuse; the 413 states the size it measured.
-    return message.startswith(tuple(f"{name}: " for name in [*FIELDS, "width/height"])) or (
+        # An item of a list field is named by its path, e.g. `loras.0.url`.
+        return any(f"`{name}`: " in message or f"`{name}." in message for name in named) or any(
+            f"``: {why}" in message for why in reasons
+        )
+    # The engine's 400s start with the field they refuse (an item by its index: output_urls[0]); the 413 states the
+    # size it measured.
+    fields = [*FIELDS, "width/height"]
+    return message.startswith((*(f"{name}: " for name in fields), *(f"{name}[" for name in fields))) or (
         message.startswith("request body of ") and str(MAX_BODY_BYTES) in message
     )
 
@@ -167,6 +172,11 @@ FIELDS = [
     "num_outputs",
     "output_format",
     "output_quality",
+    "image",
+    "mask",
+    "strength",
+    "output_urls",
+    "loras",
 ]
 odd_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(
     ["", "   ", "\u0000", "\ud7ff\ue000", "🦊" * 50, "\u202e\u200b", "a" * (MAX_PROMPT_CHARS + 1), "ｆｏｘ"]
