@@ -210,6 +210,7 @@ def child(
     clients: int = 0,
     num_outputs: int = 1,
     lora_rank: int = 64,
+    images: bool = False,
 ) -> dict:
     import numpy as np
     import torch
@@ -286,7 +287,8 @@ def child(
         result["saturation"] = saturation(model, first_request, clients)
     if engine.slots is not None:
         result["lora"] = lora_figures(model, first_request, workdir, lora_rank, max(runs, 3))
-    result["images_in_and_out"] = image_figures(model, first_request, workdir, max(runs, 3))
+    if images:
+        result["images_in_and_out"] = image_figures(model, first_request, workdir, max(runs, 3))
     job = engine.job_for(first_request)
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
@@ -533,6 +535,9 @@ def main() -> None:
     parser.add_argument(
         "--lora-rank", type=int, default=64, help="with LoRA slots (e.g. the lora2 configuration): adapters' rank"
     )
+    parser.add_argument(
+        "--images", action="store_true", help="also time image-to-image, inpainting and an upload at the first size"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     resolutions = args.resolutions.split(",")
@@ -555,6 +560,7 @@ def main() -> None:
                     args.clients,
                     args.num_outputs,
                     args.lora_rank,
+                    args.images,
                 )
             ),
             flush=True,
@@ -597,6 +603,7 @@ def main() -> None:
             str(args.num_outputs),
             "--lora-rank",
             str(args.lora_rank),
+            *(["--images"] if args.images else []),
             *(["--profile"] if args.profile else []),
             # The bf16 eager reference runs uncapped: every capped configuration gets its PSNR against bf16.
             *(["--memory-cap", str(args.memory_cap)] if args.memory_cap is not None and name != "eager" else []),
