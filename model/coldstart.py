@@ -185,11 +185,24 @@ def load_engine(
         settings.allow_private_urls,
     )
     weights_s = time.perf_counter() - started
+    if restoring is not None:
+        _encode_warmup_prompts(engine)
     report = prepare(engine, settings.compile_settings, restore.cache, restore.artifacts, restoring)
     report.weights_s = weights_s
     # After the warm-up, so that the encoders are captured as they serve.
     engine.text_encoders = capture_text_encoders(pipe, settings.text_lengths)
     return engine, report
+
+
+def _encode_warmup_prompts(engine: FluxEngine) -> None:
+    """The warm-up prompt's text embeddings at every text length, into the prompt cache, while the restore's read-ahead
+    finishes: the GPU's first use of its matmul libraries then happens off the path to ready, not in the first shape's
+    warm-up (about 0.8 s longer than the next shape's on a hit, BENCHMARKS.md)."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for text_length in engine.text_lengths:
+            engine.encode_text(_warmup_job(DYNAMIC_CHECK_SIZE, text_length))  # embeddings do not depend on size
+    log.info("encoded the warm-up prompt in %.1f s", time.perf_counter() - started)
 
 
 def _lora(pipe: FluxPipeline, settings: Settings, hf_token: str | None) -> tuple[LoraSlots | None, AdapterStore | None]:

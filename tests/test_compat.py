@@ -5,6 +5,9 @@ An upgrade of torch, diffusers or b10-transfer that moves one of them fails here
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,10 +17,26 @@ import torch
 from model import compat
 from model.engine import FluxEngine
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_inductor_cache_dir_follows_its_environment_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     assert compat.inductor_cache_dir() == tmp_path / "inductor"
+
+
+def test_inductor_cache_dir_is_inductors_own_default_without_importing_inductor(tmp_path: Path) -> None:
+    """The cache key, which the restore waits for, must not pay for Inductor's import (model.compat)."""
+    probe = (
+        "import sys; from model.compat import inductor_cache_dir; print(inductor_cache_dir());"
+        "print('torch._inductor' in sys.modules);"
+        "from torch._inductor.runtime.cache_dir_utils import default_cache_dir; print(default_cache_dir())"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    printed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=environment, cwd=ROOT
+    ).stdout.split()
+    assert printed == [printed[2], "False", printed[2]]
 
 
 def test_triton_kernel_bundling_reads_inductors_switch() -> None:
