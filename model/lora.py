@@ -1,11 +1,15 @@
 """LoRA adapters per request, swapped into fixed slots of the compiled transformer.
 
-load() gives every linear layer of the transformer `max_loras` LoRA slots of rank `max_lora_rank` (PEFT's LoRA
-layers, through diffusers' `add_adapter`), all zero, before anything compiles: the compiled functions, the cache
-key and the warm-up all include them. A request's adapters are then copied into the slots' tensors in place, so a
-swap never changes a shape, a dtype or a Python attribute that a compiled function guards on, and compiles nothing.
+load() gives every linear layer of the transformer one PEFT LoRA layer (through diffusers' `add_adapter`) of rank
+`max_loras` x `max_lora_rank`, all zero, before anything compiles: the compiled functions, the cache key and the
+warm-up all include it. Slot i is its down projection's rows and its up projection's columns from
+i x max_lora_rank on. A request's adapters are then copied into those tensors in place, so a swap never changes a
+shape, a dtype or a Python attribute that a compiled function guards on, and compiles nothing.
 
-Each slot's scaling stays 1.0: an adapter's own alpha / rank and the request's scale are folded into its up
+The slots share one layer because each LoRA layer adds two matmuls and a full-size output to every linear layer: two
+layers of their own cost 19% of p50 at 1024x1024 on an H200, whatever their rank (BENCHMARKS.md).
+
+The layer's scaling stays 1.0: an adapter's own alpha / rank and the request's scale are folded into its up
 projection when it is prepared. A slot a request does not use is zero, and a zero slot adds exactly 0.0, so the
 bytes of a request depend on its own adapters only, never on what ran before it.
 """
@@ -21,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SLOT_PREFIX = "slot"
+ADAPTER_NAME = "slots"  # the one PEFT adapter that holds every slot
 # diffusers' FLUX LoRA keys, after its conversion of other formats: "transformer.<module>.lora_A.weight" and
 # "transformer.<module>.lora_B.weight"; keys of the text encoders start with these.
 TRANSFORMER_PREFIX = "transformer."
@@ -45,10 +49,6 @@ class PreparedAdapter:
     @property
     def nbytes(self) -> int:
         return sum(down.nbytes + up.nbytes for down, up in self.layers.values())
-
-
-def slot_names(count: int) -> list[str]:
-    return [f"{SLOT_PREFIX}{index}" for index in range(count)]
 
 
 def adapted_layers(transformer: torch.nn.Module) -> list[str]:
@@ -127,21 +127,22 @@ class LoraSlots:
         from peft import LoraConfig
 
         self.count = count
-        self.names = slot_names(count)
+        self.rank = rank
         targets = adapted_layers(transformer)
         self.layers = {
             name: (module.in_features, module.out_features)
             for name, module in transformer.named_modules()
             if name in set(targets)
         }
-        for slot in self.names:
-            # alpha = rank: a scaling of exactly 1.0, which no swap changes (see the module's docstring).
-            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
-            transformer.add_adapter(config, adapter_name=slot)
-        transformer.set_adapters(self.names)
-        self._modules = {name: transformer.get_submodule(name) for name in self.layers}
-        first = next(iter(self._modules.values()))
-        self.dtype = first.lora_A[self.names[0]].weight.dtype
+        # alpha = rank: a scaling of exactly 1.0, which no swap changes (see the module's docstring).
+        config = LoraConfig(r=count * rank, lora_alpha=count * rank, target_modules=targets, init_lora_weights=False)
+        transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+        transformer.set_adapters([ADAPTER_NAME])
+        self._weights = {
+            name: (module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight)
+            for name, module in ((name, transformer.get_submodule(name)) for name in self.layers)
+        }
+        self.dtype = next(iter(self._weights.values()))[0].dtype
         # What each slot holds: None for zeros, else an identity of the adapter and its scale.
         self._held: list[object | None] = [object()] * count  # unknown until cleared
         self.clear()
@@ -149,9 +150,9 @@ class LoraSlots:
 
     @torch.no_grad()
     def _write(self, index: int, adapter: PreparedAdapter | None, scale: float = 1.0) -> None:
-        slot = self.names[index]
-        for name, module in self._modules.items():
-            down_slot, up_slot = module.lora_A[slot].weight, module.lora_B[slot].weight
+        start = index * self.rank
+        for name, (down_weight, up_weight) in self._weights.items():
+            down_slot, up_slot = down_weight[start : start + self.rank], up_weight[:, start : start + self.rank]
             down_slot.zero_()
             up_slot.zero_()
             if adapter is not None and name in adapter.layers:
