@@ -100,13 +100,13 @@ class Settings(BaseSettings):
     )
     weights_path: OptionalPath = Field(None, description="where config.yaml's `weights:` mounts the repo")
     resolutions: Resolutions = Field(
-        description="the `WIDTHxHEIGHT`s with static graphs of their own; other sizes in the bounds share one"
+        description="the `WIDTHxHEIGHT`s with static graphs of their own; other sizes share one"
     )
     text_lengths: TextLengths = Field(
         description="T5 lengths compiled for each size; a request's length rounds up to one"
     )
-    min_side: Side = Field(BOUNDS.min_side, description="the smallest width or height a request may ask for")
-    max_side: Side = Field(BOUNDS.max_side, description="the largest width or height a request may ask for")
+    min_side: Side = Field(BOUNDS.min_side, description="the smallest width or height")
+    max_side: Side = Field(BOUNDS.max_side, description="the largest width or height")
     max_megapixels: Megapixels | Literal["auto"] = Field(
         "auto", description="the largest width x height, in megapixels: `auto` is 2, and 1.2 where bf16 does not fit"
     )
@@ -137,9 +137,11 @@ class Settings(BaseSettings):
         le=MAX_LORAS,
         description="LoRA adapters a request may apply; 0 is off, and slots cost every request",
     )
-    max_lora_rank: int = Field(64, ge=1, le=512, description="the largest rank of an adapter a request may apply")
+    max_lora_rank: int = Field(
+        64, ge=1, le=512, description="the largest adapter rank; 16, 32 and 64 measured the same p50"
+    )
     lora_presets: dict[str, str] = Field(
-        default_factory=dict, description="names a request may use for an adapter's URL or Hugging Face reference"
+        default_factory=dict, description="names for adapters' URLs or Hugging Face references"
     )
     lora_disk_mb: pydantic.PositiveInt = Field(20_000, description="disk for downloaded adapters, least recent out")
     # Two 4000-character prompts of escaped astral characters are under 100 KB; a 2-megapixel PNG in base64 with
@@ -148,7 +150,7 @@ class Settings(BaseSettings):
         12, description="the largest request body; one with an inline image must fit"
     )
     allow_private_urls: bool = Field(
-        False, description="also fetch http and loopback or private addresses: for local development and tests"
+        False, description="also fetch http and private or loopback addresses (local development)"
     )
 
     @classmethod
