@@ -445,7 +445,7 @@ def encoder_figures(pipe: object, width: int, height: int, runs: int) -> dict:
         return statistics.median(times), latents
 
     with torch.inference_mode():
-        eager_s, eager_latents = timed(lambda x: vae.encoder(x))
+        eager_s, eager_latents = timed(vae.encoder)
         compiled_encoder = torch.compile(vae.encoder, mode="default", dynamic=False)
         started = time.perf_counter()
         with torch.compiler.set_stance("default"):

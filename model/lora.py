@@ -6,8 +6,9 @@ warm-up all include it. Slot i is its down projection's rows and its up projecti
 i x max_lora_rank on. A request's adapters are then copied into those tensors in place, so a swap never changes a
 shape, a dtype or a Python attribute that a compiled function guards on, and compiles nothing.
 
-The slots share one layer because each LoRA layer adds two matmuls and a full-size output to every linear layer: two
-layers of their own cost 19% of p50 at 1024x1024 on an H200, whatever their rank (BENCHMARKS.md).
+The slots share one layer because each LoRA layer adds two matmuls and a full-size output to every linear layer,
+whatever its rank: two slots as layers of their own cost 19-20% of p50 at 1024x1024 on an H200, as one layer 10%
+(BENCHMARKS.md).
 
 The layer's scaling stays 1.0: an adapter's own alpha / rank and the request's scale are folded into its up
 projection when it is prepared. A slot a request does not use is zero, and a zero slot adds exactly 0.0, so the

@@ -25,7 +25,7 @@ def test_inductor_cache_dir_follows_its_environment_variable(monkeypatch: pytest
     assert compat.inductor_cache_dir() == tmp_path / "inductor"
 
 
-def test_inductor_cache_dir_is_inductors_own_default_without_importing_inductor(tmp_path: Path) -> None:
+def test_inductor_cache_dir_is_inductors_own_default_without_importing_inductor() -> None:
     """The cache key, which the restore waits for, must not pay for Inductor's import (model.compat)."""
     probe = (
         "import sys; from model.compat import inductor_cache_dir; print(inductor_cache_dir());"
