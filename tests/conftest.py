@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
+from torch._inductor import config as inductor_config
 
 from model.engine import FluxEngine
 from model.pipeline import load_pipeline
@@ -23,6 +24,14 @@ from model.settings import Settings
 # Tests never reach the network: the hub libraries must fail fast instead of trying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Scalar CPU kernels: Inductor generates and compiles them about a third faster than vectorized ones (the tiny model's
+# blocks: 33 s against 51-53 s), and the tests check what is compiled, cached and served, not how fast a CPU runs it.
+# A GPU's Triton kernels are not affected. For this process (whose Inductor config is read already) and every process
+# the tests start.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+if os.environ["TORCHINDUCTOR_VEC_ISA_OK"] == "0":
+    inductor_config.cpp.vec_isa_ok = False
 
 
 # The tiny model, eager: compiling on a CPU takes minutes, so only the compile tests turn it on.
