@@ -369,17 +369,19 @@ class FluxEngine:
     def respond(self, job: Job, images: list[Image.Image]) -> GenerateResponse:
         """The images as base64, or uploaded to the job's output URLs (outside the pipeline's lock)."""
         encoded = [encode(image, job.output_format, job.output_quality) for image in images]
-        inline = [
-            GeneratedImage(data=to_base64(data), seed=seed) for data, seed in zip(encoded, job.seeds, strict=True)
-        ]
+
+        def inline() -> GenerateResponse:  # base64 only where the images travel in the answer
+            pairs = zip(encoded, job.seeds, strict=True)
+            return self._response(job, [GeneratedImage(data=to_base64(data), seed=seed) for data, seed in pairs])
+
         if not job.output_urls:
-            return self._response(job, inline)
+            return inline()
         for index, (url, data) in enumerate(zip(job.output_urls, encoded, strict=True)):
             try:
                 put(url, data, CONTENT_TYPES[job.output_format], self.allow_private_urls)
             except (UploadError, FetchError) as exc:
                 status = exc.status if isinstance(exc, UploadError) else None
-                raise UploadFailed(f"output_urls[{index}]", str(exc), status, self._response(job, inline)) from exc
+                raise UploadFailed(f"output_urls[{index}]", str(exc), status, inline()) from exc
         uploaded = zip(job.output_urls, job.seeds, strict=True)
         return self._response(job, [GeneratedImage(url=url, seed=seed) for url, seed in uploaded])
 
