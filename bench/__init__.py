@@ -24,7 +24,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "t5bf16": {"text_encoder_precision": "bf16"},
     "t5int8": {"text_encoder_precision": "int8"},
     "t5int4": {"text_encoder_precision": "int4"},
-    # Two LoRA slots (no adapter unless a request names one); loopback URLs for bench.latency's own adapters.
+    # Up to two LoRA adapters a request (none unless it names some); loopback URLs for bench.latency's own adapters.
     "lora2": {"max_loras": 2, "allow_private_urls": True},
     # bench.latency turns the prompt cache off, as its requests repeat one prompt; this turns it back on.
     "prompt_cache": {"prompt_cache_mb": 256},

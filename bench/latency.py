@@ -285,7 +285,7 @@ def child(
         result["num_outputs"] = several_images(model, first_request, num_outputs, max(runs, 3))
     if clients:
         result["saturation"] = saturation(model, first_request, clients)
-    if engine.slots is not None:
+    if engine.lora is not None:
         result["lora"] = lora_figures(model, first_request, workdir, lora_rank, max(runs, 3))
     if images:
         result["images_in_and_out"] = image_figures(model, first_request, workdir, max(runs, 3))
@@ -324,9 +324,9 @@ def child(
 
 
 def lora_figures(model: object, request: object, workdir: Path, rank: int, runs: int) -> dict:
-    """With LoRA slots: what a swap costs and p50 with adapters, for adapters of `rank` on every layer, served from
+    """With LoRA on: what a swap costs and p50 with adapters, for adapters of `rank` on every layer, served from
     loopback. A swap is timed to the GPU's end: an adapter new to the replica (fetched, checked, prepared, then
-    copied into a slot), one read again from the local disk, and one from its host copy."""
+    merged into the weights), one read again from the local disk, and one from its host copy."""
     import torch
 
     from model.schema import LoraRequest
@@ -335,13 +335,13 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
     from tests.web_server import serving
 
     engine = model._engine  # type: ignore[attr-defined]
-    slots, store = engine.slots, engine.adapters
+    lora, store = engine.lora, engine.adapters
     directory = workdir / "loras"
     directory.mkdir(exist_ok=True)
     names = [f"rank{rank}-{seed}.safetensors" for seed in range(3)]
     for seed, name in enumerate(names):
         if not (directory / name).exists():
-            write(directory / name, peft_state_dict(slots.layers, rank, seed, only=""))
+            write(directory / name, peft_state_dict(lora.layers, rank, seed, only=""))
 
     def timed(work: Callable[[], object]) -> float:
         started = time.perf_counter()
@@ -352,7 +352,7 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
 
     def swap(url: str) -> None:
         sha, prepared = store.get(url)
-        slots.apply([(sha, prepared, 1.0)])
+        lora.apply([(sha, prepared, 1.0)])
 
     out: dict = {"rank": rank, "file_mb": round((directory / names[0]).stat().st_size / 2**20, 1)}
     with serving(directory) as (base, _):
@@ -364,8 +364,8 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
             store.get(url)
         swaps = [timed(lambda i=i: swap(urls[i % 2])) for i in range(runs)]
         out["swap_from_host_copy_p50_s"] = round(statistics.median(swaps), 4)
-        slots.apply([])
-        for count, label in ((1, "one"), (2, "two"))[: slots.count]:
+        lora.apply([])
+        for count, label in ((1, "one"), (2, "two"))[: lora.max_adapters]:
             body = request.model_copy(update={"loras": [LoraRequest(url=url) for url in urls[:count]]})  # type: ignore[attr-defined]
             times = [timed(lambda body=body: model.predict(body, NO_BODY)) for _ in range(runs)]  # type: ignore[attr-defined]
             out[f"p50_{label}_adapter{'s' if count > 1 else ''}_s"] = round(statistics.median(times), 4)
@@ -571,7 +571,7 @@ def main() -> None:
         help="also time a request for this many images at the first size, one after another and batched eagerly",
     )
     parser.add_argument(
-        "--lora-rank", type=int, default=64, help="with LoRA slots (e.g. the lora2 configuration): adapters' rank"
+        "--lora-rank", type=int, default=64, help="with LoRA on (e.g. the lora2 configuration): adapters' rank"
     )
     parser.add_argument(
         "--images", action="store_true", help="also time image-to-image, inpainting and an upload at the first size"

@@ -7,7 +7,10 @@ in and out features), compiled as the served regions are (mode default, static s
 - `peft`: the layer plus up(down(x)), as PEFT's LoRA layer computes it (what model/lora.py serves);
 - `folded_down`: one matmul of x by the weight with the down projection stacked under it, then the up projection
   of its last rows added: x is read once;
-- `addmm`: the up projection accumulated into the layer's output by one addmm.
+- `addmm`: the up projection accumulated into the layer's output by one addmm;
+- `inplace`: the up projection accumulated into the layer's own output buffer (`addmm_`), no second output;
+- `cat_k`: one matmul of [x, x.down] by [weight, up]: the up projection rides in the layer's own matmul, which
+  writes its output once (bf16 only: the weight and the slot share one tensor).
 
 Each layer's median is multiplied by how often a step runs it (19 double blocks, 38 single blocks), and the sum is
 compared with `plain`'s. `merge_swap_ms` is the other way to hold an adapter: written into the weights at swap time
@@ -75,11 +78,22 @@ def addmm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, down: torch.Tensor,
     return torch.addmm(F.linear(flat, w, b), F.linear(flat, down), up.t())
 
 
+def inplace(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(0, -2)
+    return F.linear(flat, w, b).addmm_(F.linear(flat, down), up.t())
+
+
+def cat_k(x: torch.Tensor, w_up: torch.Tensor, b: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.linear(torch.cat([x, F.linear(x, down)], dim=-1), w_up, b)
+
+
 FORMULATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "plain": plain,
     "peft": peft,
     "folded_down": folded_down,
     "addmm": addmm,
+    "inplace": inplace,
+    "cat_k": cat_k,
 }
 
 
@@ -121,7 +135,7 @@ def measure(width: int, height: int, text_length: int, rank: int, runs: int, sca
         b = torch.randn(n_out, device=device, dtype=dtype)
         down = torch.randn(r, n_in, device=device, dtype=dtype) / n_in**0.5
         up = torch.randn(n_out, r, device=device, dtype=dtype) / r**0.5
-        weights = {"folded_down": torch.cat([w, down])}
+        weights = {"folded_down": torch.cat([w, down]), "cat_k": torch.cat([w, up], dim=1)}
         figures = {}
         for name, function in FORMULATIONS.items():
             compiled = torch.compile(function, mode="default", dynamic=False)

@@ -1,4 +1,4 @@
-"""A request's LoRA adapters, from what it names to tensors checked against the slots.
+"""A request's LoRA adapters, from what it names to tensors checked against the transformer's layers.
 
 A request names an adapter by a preset (config.yaml's `lora_presets`), an https URL to a `.safetensors` file, or
 a Hugging Face reference, `owner/repo` or `owner/repo/path/file.safetensors`, fetched with the `hf_access_token`

@@ -34,7 +34,7 @@ from model.cache import (
 from model.compat import compile_counts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine, Job
-from model.lora import LoraSlots
+from model.lora import LoraMerger
 from model.optimize import block_hook, configure_process, optimize, text_encoder_hook
 from model.pipeline import load_pipeline
 from model.prompt_cache import PromptEmbeddingCache
@@ -173,14 +173,14 @@ def load_engine(
     )
     optimize(pipe)
     prompt_cache = PromptEmbeddingCache(settings.prompt_cache_mb * 2**20)
-    slots, adapters = _lora(pipe, settings, hf_token)
+    lora, adapters = _lora(pipe, settings, hf_token)
     engine = FluxEngine(
         pipe,
         settings.resolutions,
         settings.text_lengths,
         settings.sizes,
         prompt_cache,
-        slots,
+        lora,
         adapters,
         settings.allow_private_urls,
     )
@@ -205,23 +205,25 @@ def _encode_warmup_prompts(engine: FluxEngine) -> None:
     log.info("encoded the warm-up prompt in %.1f s", time.perf_counter() - started)
 
 
-def _lora(pipe: FluxPipeline, settings: Settings, hf_token: str | None) -> tuple[LoraSlots | None, AdapterStore | None]:
-    """The LoRA slots, before anything compiles (every compiled function includes them), and the adapters' store;
-    neither where max_loras is 0."""
+def _lora(
+    pipe: FluxPipeline, settings: Settings, hf_token: str | None
+) -> tuple[LoraMerger | None, AdapterStore | None]:
+    """What merges adapters into the transformer (its copy of the pristine weights taken now, as they loaded), and
+    the adapters' store; neither where max_loras is 0."""
     if not settings.max_loras:
         return None, None
-    slots = LoraSlots(pipe.transformer, settings.max_loras, settings.max_lora_rank)
+    lora = LoraMerger(pipe.transformer, settings.max_loras, block_hook(settings.precision))
     store = AdapterStore(
-        slots.layers,
+        lora.layers,
         settings.max_lora_rank,
-        slots.dtype,
+        lora.dtype,
         LORA_DIR,
         settings.lora_disk_mb * 2**20,
         settings.lora_presets,
         settings.allow_private_urls,
         hf_token,
     )
-    return slots, store
+    return lora, store
 
 
 def _preloaded_after(restore: PendingRestore) -> Future[CacheResult] | None:

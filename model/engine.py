@@ -25,7 +25,7 @@ from model.compat import unpack_latents
 from model.graph_route import dynamic_graph
 from model.image_inputs import ImageInputError, open_image, read_image_bytes
 from model.images import CONTENT_TYPES, encode, to_base64
-from model.lora import AdapterError, LoraSlots, PreparedAdapter
+from model.lora import AdapterError, LoraMerger, PreparedAdapter
 from model.prompt_cache import PromptEmbeddingCache, PromptKey
 from model.prompts import TextEncoders, encode_prompts
 from model.remote import FetchError, UploadError, check_url, put
@@ -149,13 +149,13 @@ class FluxEngine:
         text_lengths: Iterable[int],
         sizes: ServedSizes | None = None,
         prompt_cache: PromptEmbeddingCache | None = None,
-        slots: LoraSlots | None = None,
+        lora: LoraMerger | None = None,
         adapters: AdapterStore | None = None,
         allow_private_urls: bool = False,
     ) -> None:
         self.pipe = pipe
-        # The transformer's LoRA slots and where a request's adapters come from; None where LoRA is off.
-        self.slots = slots
+        # What merges a request's adapters into the transformer, and where they come from; None where LoRA is off.
+        self.lora = lora
         self.adapters = adapters
         self.allow_private_urls = allow_private_urls
         self._repainter = Repainter(pipe)
@@ -237,14 +237,14 @@ class FluxEngine:
         if not fitting:
             raise InvalidRequest("max_sequence_length", f"must be at most {self.text_lengths[-1]} on this deployment")
         if request.loras:
-            slots = 0 if self.slots is None else self.slots.count
-            if not slots:
+            most = 0 if self.lora is None else self.lora.max_adapters
+            if not most:
                 raise InvalidRequest(
                     "loras", "LoRA is off on this deployment: set max_loras (FLUX_MAX_LORAS) to 1 or more to serve it"
                 )
-            if len(request.loras) > slots:
+            if len(request.loras) > most:
                 raise InvalidRequest(
-                    "loras", f"{len(request.loras)} adapters, over this deployment's max_loras of {slots}"
+                    "loras", f"{len(request.loras)} adapters, over this deployment's max_loras of {most}"
                 )
         for index, url in enumerate(request.output_urls or ()):
             try:  # before any GPU time is spent on images that could not be delivered
@@ -280,7 +280,7 @@ class FluxEngine:
 
     def fetch_adapters(self, job: Job, request: GenerateRequest) -> tuple[Job, list[PreparedAdapter]]:
         """The request's adapters, fetched and checked before the pipeline's lock: a slow URL stalls no other
-        request, and a bad one is refused before any slot changes."""
+        request, and a bad one is refused before any weight changes."""
         if not request.loras or self.adapters is None:
             return job, []
         applied, prepared = [], []
@@ -300,11 +300,11 @@ class FluxEngine:
         self, job: Job, adapters: Sequence[PreparedAdapter] = (), inputs: ImageInputs | None = None
     ) -> list[Image.Image]:
         """The job's images in seed order, one after another, from one text encoding, with `adapters` (prepared
-        for `job.loras`) in the LoRA slots, from `inputs` where the job starts from an image."""
+        for `job.loras`) merged into the transformer, from `inputs` where the job starts from an image."""
         # A size compiled statically runs its own graph; any other runs the dynamic-shape one (model.compile).
         with self._lock, dynamic_graph(not self.is_static(job.resolution)):
-            if self.slots is not None:
-                self.slots.apply([(a.sha256, p, a.scale) for a, p in zip(job.loras, adapters, strict=True)])
+            if self.lora is not None:
+                self.lora.apply([(a.sha256, p, a.scale) for a, p in zip(job.loras, adapters, strict=True)])
             embeds, pooled = self.encode_text(job)
             if inputs is not None:
                 return [

@@ -1,18 +1,16 @@
-"""LoRA adapters per request, swapped into fixed slots of the compiled transformer.
+"""LoRA adapters per request, merged into the transformer's weights.
 
-load() gives every linear layer of the transformer one PEFT LoRA layer (through diffusers' `add_adapter`) of rank
-`max_loras` x `max_lora_rank`, all zero, before anything compiles: the compiled functions, the cache key and the
-warm-up all include it. Slot i is its down projection's rows and its up projection's columns from
-i x max_lora_rank on. A request's adapters are then copied into those tensors in place, so a swap never changes a
-shape, a dtype or a Python attribute that a compiled function guards on, and compiles nothing.
+A request's adapters are added into the weights of the linear layers they adapt: the pristine weight plus
+scale x up x down of each adapter, in fp32, rounded once to the weight's dtype (a quantized weight is dequantized
+first and quantized again as load() quantized it). The layers they leave go back to their pristine weights, which
+load() copies once: on the GPU where they fit with room to serve, else in host memory. Every merge starts from
+the pristine weights, in the request's order, so a request's bytes depend on its own adapters only, never on what
+ran before it, and a request without adapters serves the bytes of a deployment without LoRA.
 
-The slots share one layer because each LoRA layer adds two matmuls and a full-size output to every linear layer,
-whatever its rank: two slots as layers of their own cost 19-20% of p50 at 1024x1024 on an H200, as one layer 10%
-(BENCHMARKS.md).
-
-The layer's scaling stays 1.0: an adapter's own alpha / rank and the request's scale are folded into its up
-projection when it is prepared. A slot a request does not use is zero, and a zero slot adds exactly 0.0, so the
-bytes of a request depend on its own adapters only, never on what ran before it.
+The compiled functions read the weights in place, so a swap changes no shape, dtype or attribute that a compiled
+function guards on: it compiles nothing, and the graph is the one served without LoRA. LoRA layers beside every
+linear layer (hot-swap slots, diffusers' and PEFT's way) cost every request 10% of p50 at 1024x1024 on an H200,
+with no adapter in them; a merge costs each swap instead (BENCHMARKS.md, docs/lora.md).
 """
 
 from __future__ import annotations
@@ -24,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from model.blocks import BlockHook
+
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = "slots"  # the one PEFT adapter that holds every slot
 # diffusers' FLUX LoRA keys, after its conversion of other formats: "transformer.<module>.lora_A.weight" and
 # "transformer.<module>.lora_B.weight"; keys of the text encoders start with these.
 TRANSFORMER_PREFIX = "transformer."
@@ -40,9 +39,9 @@ class AdapterError(ValueError):
 
 @dataclass(frozen=True)
 class PreparedAdapter:
-    """An adapter checked against the slots, per module: (down (rank x in), up (out x rank) with its alpha / rank
-    folded in), in the slots' dtype, on the host. `rank` is its largest. The request's scale is applied when a slot
-    is written, so one prepared adapter serves every scale."""
+    """An adapter checked against the transformer's layers, per module: (down (rank x in), up (out x rank) with its
+    alpha / rank folded in), in the weights' dtype, on the host. `rank` is its largest. The request's scale is
+    applied when it is merged, so one prepared adapter serves every scale."""
 
     layers: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
     rank: int
@@ -55,12 +54,7 @@ class PreparedAdapter:
 def adapted_layers(transformer: torch.nn.Module) -> list[str]:
     """Every linear layer of the transformer, by name: what published FLUX adapters target (attention, feed-forward,
     the single blocks' projections, the norms' linears) and the few outside the blocks."""
-    return [
-        name
-        for name, module in transformer.named_modules()
-        # PEFT's own layers (a wrapped layer's base_layer, its lora_A and lora_B) are not targets themselves.
-        if isinstance(module, torch.nn.Linear) and not any(part in name for part in (".base_layer", ".lora_"))
-    ]
+    return [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
 def prepare(
@@ -70,8 +64,8 @@ def prepare(
     max_rank: int,
     dtype: torch.dtype,
 ) -> PreparedAdapter:
-    """Check a converted state dict (diffusers' keys) against the slots' `layers` ({name: (in, out)}) and fold its
-    alpha / rank into each up projection. Raises AdapterError naming what does not fit."""
+    """Check a converted state dict (diffusers' keys) against the transformer's `layers` ({name: (in, out)}) and
+    fold its alpha / rank into each up projection. Raises AdapterError naming what does not fit."""
     text_keys = [key for key in state_dict if key.startswith(TEXT_ENCODER_PREFIXES)]
     if text_keys:
         raise AdapterError(
@@ -120,79 +114,124 @@ def prepare(
     return PreparedAdapter(prepared, largest)
 
 
-class LoraSlots:
-    """The transformer's LoRA slots, and which adapter each holds."""
+class LoraMerger:
+    """Adapters merged into the transformer's linear weights, and which ones they hold now."""
 
-    def __init__(self, transformer: torch.nn.Module, count: int, rank: int) -> None:
-        # Imported here: PEFT is needed only where LoRA is on.
-        from peft import LoraConfig
-
-        self.count = count
-        self.rank = rank
-        targets = adapted_layers(transformer)
-        self.layers = {
-            name: (module.in_features, module.out_features)
-            for name, module in transformer.named_modules()
-            if name in set(targets)
+    def __init__(self, transformer: torch.nn.Module, max_adapters: int, requantize: BlockHook | None = None) -> None:
+        self.max_adapters = max_adapters
+        self._requantize = requantize
+        self._modules: dict[str, torch.nn.Linear] = {
+            name: transformer.get_submodule(name) for name in adapted_layers(transformer)
         }
-        # alpha = rank: a scaling of exactly 1.0, which no swap changes (see the module's docstring).
-        config = LoraConfig(r=count * rank, lora_alpha=count * rank, target_modules=targets, init_lora_weights=False)
-        transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
-        transformer.set_adapters([ADAPTER_NAME])
-        self._weights = {
-            name: (module.lora_A[ADAPTER_NAME].weight, module.lora_B[ADAPTER_NAME].weight)
-            for name, module in ((name, transformer.get_submodule(name)) for name in self.layers)
-        }
-        self.dtype = next(iter(self._weights.values()))[0].dtype
-        # What each slot holds: None for zeros, else an identity of the adapter and its scale.
-        self._held: list[object | None] = [object()] * count  # unknown until cleared
-        self.clear()
-        log.info("LoRA: %d slots of rank %d on %d linear layers", count, rank, len(self.layers))
-
-    @torch.no_grad()
-    def _write(self, index: int, adapter: PreparedAdapter | None, scale: float = 1.0) -> None:
-        start = index * self.rank
-        for name, (down_weight, up_weight) in self._weights.items():
-            down_slot, up_slot = down_weight[start : start + self.rank], up_weight[:, start : start + self.rank]
-            down_slot.zero_()
-            up_slot.zero_()
-            if adapter is not None and name in adapter.layers:
-                down, up = adapter.layers[name]
-                rank = down.shape[0]
-                down_slot[:rank].copy_(down)
-                up_slot[:, :rank].copy_(up)
-                if scale != 1.0:
-                    up_slot.mul_(scale)
-
-    def clear(self) -> None:
-        """Every slot to zero: the transformer computes what it computes without LoRA."""
-        for index in range(self.count):
-            self._write(index, None)
-            self._held[index] = None
+        self.layers = {name: (m.in_features, m.out_features) for name, m in self._modules.items()}
+        self.dtype = next(iter(self._modules.values())).weight.dtype  # a quantized weight reports its bf16 one
+        pristine_bytes = sum(_nbytes(m.weight) for m in self._modules.values())
+        home = _pristine_home(next(iter(self._modules.values())).weight.device, pristine_bytes)
+        with torch.no_grad():
+            self._pristine = {
+                name: {part: t.detach().to(home, copy=True) for part, t in _parts(m.weight).items()}
+                for name, m in self._modules.items()
+            }
+        # Identities and scales of the adapters merged now, in order; None while the weights are not known.
+        self._held: tuple[tuple[Hashable, float], ...] | None = ()
+        self._touched: set[str] = set()
+        log.info(
+            "LoRA: up to %d adapters merged into %d linear layers; their pristine weights (%.1f GiB) on %s",
+            max_adapters,
+            len(self._modules),
+            pristine_bytes / 2**30,
+            home,
+        )
 
     def apply(self, adapters: Sequence[tuple[Hashable, PreparedAdapter, float]]) -> None:
-        """Hold `adapters` ((identity, prepared, scale)) in the first slots, in order, and zeros in the others.
+        """Merge `adapters` ((identity, prepared, scale)) into the weights, in order, from the pristine weights.
 
-        A slot already holding the same identity at the same scale is left as it is. If a copy fails, every slot is
-        cleared before the error propagates, so the next request never finds an adapter half applied.
+        The same identities at the same scales as now change nothing. An adapter at scale 0 is left out, so the
+        weights are those of the request without it. If anything fails, every layer goes back to its pristine weights
+        before the error propagates, so the next request never finds an adapter half applied.
         """
-        if len(adapters) > self.count:
-            raise AdapterError(f"{len(adapters)} adapters for {self.count} slots")
-        wanted = [*adapters, *[None] * (self.count - len(adapters))]
+        if len(adapters) > self.max_adapters:
+            raise AdapterError(f"{len(adapters)} adapters for at most {self.max_adapters}")
+        merged = [(identity, adapter, scale) for identity, adapter, scale in adapters if scale != 0]
+        held = tuple((identity, scale) for identity, _, scale in merged)
+        if held == self._held:
+            return
+        touched = {name for _, adapter, _ in merged for name in adapter.layers}
         try:
-            for index, entry in enumerate(wanted):
-                held = None if entry is None else (entry[0], entry[2])
-                if self._held[index] == held:
-                    continue
-                self._held[index] = object()  # unknown while it is being written
-                if entry is None or entry[2] == 0:  # zeros, not -0.0s: the bytes of a request without it
-                    self._write(index, None)
-                else:
-                    self._write(index, entry[1], entry[2])
-                self._held[index] = held
+            self._held = None
+            for name in sorted(self._touched | touched):
+                self._restore(name)
+                if name in touched:
+                    self._merge(
+                        name, [(adapter.layers[name], scale) for _, adapter, scale in merged if name in adapter.layers]
+                    )
+            self._held, self._touched = held, touched
         except BaseException:
             self.clear()
             raise
+
+    def clear(self) -> None:
+        """Every adapted layer back to its pristine weights: the transformer computes what it computes without LoRA."""
+        for name in sorted(self._touched if self._held is not None else self._modules):
+            self._restore(name)
+        self._held, self._touched = (), set()
+
+    @torch.no_grad()
+    def _restore(self, name: str) -> None:
+        live = _parts(self._modules[name].weight)
+        for part, tensor in self._pristine[name].items():
+            live[part].copy_(tensor)
+
+    @torch.no_grad()
+    def _merge(self, name: str, deltas: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float]]) -> None:
+        """The layer's pristine weight (just restored) plus every delta, in fp32, rounded once to the weight's dtype
+        and, for a quantized weight, quantized again as load() quantized it."""
+        module = self._modules[name]
+        weight = module.weight
+        quantized = _is_subclass(weight)
+        total = (weight.dequantize() if quantized else weight).to(torch.float32)
+        for (down, up), scale in deltas:
+            total.addmm_(up.to(total.device, torch.float32), down.to(total.device, torch.float32), alpha=scale)
+        if not quantized:
+            weight.copy_(total)
+            return
+        if self._requantize is None:
+            raise AdapterError(f"layer {name!r} holds quantized weights this deployment cannot quantize again")
+        scratch = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        scratch.weight = torch.nn.Parameter(total.to(self.dtype), requires_grad=False)
+        self._requantize(scratch)
+        live, fresh = _parts(weight), _parts(scratch.weight)
+        for part, tensor in live.items():
+            tensor.copy_(fresh[part])
+
+
+def _is_subclass(weight: torch.Tensor) -> bool:
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _parts(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The plain tensors that hold a weight: itself, or a quantized tensor's inner ones (torchao's `qdata`, `scale`)."""
+    if not _is_subclass(weight):
+        return {"": weight.data}
+    names, _ = weight.__tensor_flatten__()
+    return {part: getattr(weight, part) for part in names}
+
+
+def _nbytes(weight: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in _parts(weight).values())
+
+
+# Left free on the GPU beside the pristine weights: serving's peak above the weights (bf16 peaked 33.8 GiB with
+# 31.4 GiB of weights, the 2-megapixel decode above that) plus the 4 GiB headroom rule, with room to spare.
+GPU_RESERVE_BYTES = 8 * 2**30
+
+
+def _pristine_home(device: torch.device, nbytes: int) -> torch.device:
+    """The GPU where the pristine weights fit with room to serve (a restore then copies at the GPU's bandwidth), else
+    host memory."""
+    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] >= nbytes + GPU_RESERVE_BYTES:
+        return device
+    return torch.device("cpu")
 
 
 def network_alphas(alphas: Mapping[str, torch.Tensor | float] | None) -> dict[str, float]:

@@ -234,8 +234,6 @@ class Settings(BaseSettings):
             "resolutions": [str(r) for r in self.resolutions],
             "text_lengths": list(self.text_lengths),
         }
-        if self.max_loras:  # the slots are in every compiled function; without them the key is what it always was
-            facts["lora_slots"] = [self.max_loras, self.max_lora_rank]
         return facts
 
 

@@ -169,7 +169,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     yield from start_server(tmp_path_factory.mktemp("server"), {})
 
 
-# The open server's LoRA slots: tests/test_lora.py writes adapters of these.
+# The open server's LoRA limits: tests/test_lora.py writes adapters within them.
 OPEN_SERVER_LORAS, OPEN_SERVER_LORA_RANK = 2, 8
 
 

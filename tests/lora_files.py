@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 def peft_state_dict(
     layers: Mapping[str, tuple[int, int]], rank: int, seed: int, only: str = "transformer_blocks"
 ) -> dict:
-    """A rank-`rank` adapter on every layer of `layers` ({name: (in, out)}, the slots') whose name starts with `only`,
-    in diffusers' keys."""
+    """A rank-`rank` adapter on every layer of `layers` ({name: (in, out)}, the transformer's) whose name starts
+    with `only`, in diffusers' keys."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, (in_features, out_features) in sorted(layers.items()):

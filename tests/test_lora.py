@@ -1,4 +1,4 @@
-"""LoRA per request on the tiny model: adapters from a real local HTTP server, swapped into the slots."""
+"""LoRA per request on the tiny model: adapters from a real local HTTP server, merged into the weights."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from model.adapters import AdapterStore
 from model.artifacts import CompileArtifacts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine, InvalidRequest
-from model.lora import LoraSlots, prepare
+from model.lora import LoraMerger, prepare
 from model.pipeline import load_pipeline
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
@@ -28,7 +28,7 @@ from tests.lora_files import kohya_state_dict, peft_state_dict, write
 from tests.test_server import predict
 from tests.web_server import serving
 
-SLOTS, RANK = OPEN_SERVER_LORAS, OPEN_SERVER_LORA_RANK  # the open server's, so its adapters fit both
+MAX_ADAPTERS, RANK = OPEN_SERVER_LORAS, OPEN_SERVER_LORA_RANK  # the open server's, so its adapters fit both
 BASE = {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7, "num_inference_steps": 2}
 
 
@@ -43,11 +43,11 @@ def files() -> Iterator[tuple[Path, str]]:
 def _engine(root: Path, allow_private: bool = True, compiled: bool = False) -> FluxEngine:
     settings = Settings.from_sources(environ=TINY_EAGER)
     pipe = load_pipeline(settings, device="cpu")
-    slots = LoraSlots(pipe.transformer, SLOTS, RANK)
-    store = AdapterStore(slots.layers, RANK, slots.dtype, root / "cache", 1 << 30, {"fox": "owner/fox"}, allow_private)
+    lora = LoraMerger(pipe.transformer, MAX_ADAPTERS)
+    store = AdapterStore(lora.layers, RANK, lora.dtype, root / "cache", 1 << 30, {"fox": "owner/fox"}, allow_private)
     sizes = ResolutionRegistry.coerce(["256x256"])
-    engine = FluxEngine(pipe, sizes, settings.text_lengths, settings.sizes, None, slots, store)
-    if compiled:  # the transformer's blocks only: the VAE's CPU compile is the slow one, and holds no slot
+    engine = FluxEngine(pipe, sizes, settings.text_lengths, settings.sizes, None, lora, store)
+    if compiled:  # the transformer's blocks only: the VAE's CPU compile is the slow one, and holds no adapter
         compile_pipeline(pipe, CompileSettings(vae=False), 1, CompileArtifacts(root / "inductor", "lora"))
     return engine
 
@@ -57,8 +57,8 @@ def served(files: tuple[Path, str]) -> tuple[FluxEngine, str, Path]:
     root, base = files
     engine = _engine(root)
     transformer = engine.pipe.transformer
-    write(root / "peft.safetensors", peft_state_dict(engine.slots.layers, 4, seed=1))
-    write(root / "other.safetensors", peft_state_dict(engine.slots.layers, 8, seed=2, only="single_transformer_blocks"))
+    write(root / "peft.safetensors", peft_state_dict(engine.lora.layers, 4, seed=1))
+    write(root / "other.safetensors", peft_state_dict(engine.lora.layers, 8, seed=2, only="single_transformer_blocks"))
     write(root / "kohya.safetensors", kohya_state_dict(transformer, 4, seed=3))
     return engine, base, root
 
@@ -143,7 +143,7 @@ def test_a_bad_adapter_is_refused_by_field_and_leaves_clean_weights(
     served: tuple[FluxEngine, str, Path], name: str, field: str, words: str
 ) -> None:
     engine, base, root = served
-    _bad_files(root, engine.slots.layers)
+    _bad_files(root, engine.lora.layers)
     plain, _ = generate(engine)
     generate(engine, loras=[{"url": f"{base}/files/peft.safetensors"}])
     with pytest.raises(InvalidRequest) as refused:
@@ -213,16 +213,16 @@ def test_a_slow_or_large_file_is_cut_off(files: tuple[Path, str], monkeypatch: p
     with pytest.raises(InvalidRequest, match="took over 1 s"):
         generate(engine, loras=[{"url": f"{base}/slow"}])
     monkeypatch.setattr(engine.adapters, "policy", engine.adapters.policy.__class__(max_bytes=1000, allow_private=True))
-    write(root / "big.safetensors", peft_state_dict(engine.slots.layers, 4, seed=9))
+    write(root / "big.safetensors", peft_state_dict(engine.lora.layers, 4, seed=9))
     with pytest.raises(InvalidRequest, match="over the limit of 1000"):
         generate(engine, loras=[{"url": f"{base}/files/big.safetensors"}])
 
 
-def test_loras_need_slots_and_fit_in_them(engine: FluxEngine, served: tuple[FluxEngine, str, Path]) -> None:
+def test_loras_need_max_loras_and_fit_in_it(engine: FluxEngine, served: tuple[FluxEngine, str, Path]) -> None:
     with pytest.raises(InvalidRequest, match="set max_loras") as refused:
         engine.generate(GenerateRequest(**BASE, loras=[{"url": "owner/repo"}]))
     assert refused.value.field_name == "loras"
-    with pytest.raises(InvalidRequest, match=f"3 adapters, over this deployment's max_loras of {SLOTS}"):
+    with pytest.raises(InvalidRequest, match=f"3 adapters, over this deployment's max_loras of {MAX_ADAPTERS}"):
         generate(served[0], loras=[{"url": "owner/repo"}] * 3)
 
 
@@ -230,11 +230,11 @@ def test_swaps_compile_nothing_on_a_miss_or_a_hit(files: tuple[Path, str]) -> No
     root, base = files
     lora = {"url": f"{base}/files/swap.safetensors", "scale": 1.5}
     served = []
-    for state in ("miss", "hit"):  # the hit reads the functions the miss saved, slots included
+    for state in ("miss", "hit"):  # the hit reads the functions the miss saved
         before = dict(precompile.COUNTERS)
         engine = _engine(root, compiled=True)
-        write(root / "swap.safetensors", peft_state_dict(engine.slots.layers, 4, seed=11))
-        plain, _ = generate(engine)  # the static graph, with the slots in it: compiled or read
+        write(root / "swap.safetensors", peft_state_dict(engine.lora.layers, 4, seed=11))
+        plain, _ = generate(engine)  # the static graph: compiled or read
         counted = {key: precompile.COUNTERS[key] - before.get(key, 0) for key in ("compiled", "loaded")}
         assert counted["compiled" if state == "miss" else "loaded"] > 0 and (state == "miss" or not counted["compiled"])
         torch.compiler.set_stance("fail_on_recompile")
@@ -292,7 +292,7 @@ def test_over_http_an_adapter_is_applied_and_a_bad_one_is_a_400(
 
 
 @pytest.mark.slow
-def test_over_http_loras_on_a_deployment_without_slots_say_how_to_turn_them_on(server: RunningServer) -> None:
+def test_over_http_loras_on_a_deployment_without_lora_say_how_to_turn_them_on(server: RunningServer) -> None:
     refused = predict(server, {**BASE, "loras": [{"url": "owner/repo"}]})
     assert refused.status_code == 400 and "loras" in refused.text and "max_loras" in refused.text, refused.text
 
@@ -312,7 +312,8 @@ def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
 
 
 def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The slots wrap torchao's fp8 linears (PEFT's TorchaoLoraLinear), and swapping still compiles nothing."""
+    """Adapters merge into torchao's fp8 weights (quantized again), swapping compiles nothing, and clearing gives
+    back the pristine fp8 weights bit for bit."""
     from torchao.quantization import quant_api
 
     from model.optimize import block_hook
@@ -324,14 +325,18 @@ def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.
     quantize = block_hook("fp8")
     for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
         quantize(block)
-    slots = LoraSlots(transformer, 1, RANK)
-    assert type(transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Float8Tensor"
-    adapter = prepare(peft_state_dict(slots.layers, 4, seed=12), None, slots.layers, RANK, slots.dtype)
+    lora = LoraMerger(transformer, 1, quantize)
+    weight = transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == "Float8Tensor"
+    pristine = weight.qdata.clone(), weight.scale.clone()
+    adapter = prepare(peft_state_dict(lora.layers, 4, seed=12), None, lora.layers, RANK, lora.dtype)
     compile_pipeline(pipe, CompileSettings(vae=False), 1, CompileArtifacts(tmp_path, "fp8"))
     plain = _transformer_output(transformer)
     torch.compiler.set_stance("fail_on_recompile")
-    slots.apply([("a", adapter, 1.0)])
+    lora.apply([("a", adapter, 1.0)])
+    assert type(weight).__name__ == "Float8Tensor" and not torch.equal(weight.qdata, pristine[0])
     adapted = _transformer_output(transformer)
-    slots.apply([])
+    lora.apply([])
     assert not torch.equal(adapted, plain)
+    assert torch.equal(weight.qdata, pristine[0]) and torch.equal(weight.scale, pristine[1])
     assert torch.equal(_transformer_output(transformer), plain)

@@ -34,7 +34,7 @@ def test_importing_the_settings_imports_no_torch() -> None:
 
 
 # What a deployer touches, and nothing more: the issue that cut the switches set the bound at 16; LoRA added its
-# five (slots, rank, presets, disk, private URLs), and input images the body limit.
+# five (adapters, rank, presets, disk, private URLs), and input images the body limit.
 MAX_SETTINGS = 22
 
 
