@@ -9,6 +9,7 @@
     python -m bench.cold_start --model full-random --skip-eager --hits 2 --every-size   # same bytes on every replica
     python -m bench.cold_start --model full-random --card L4 --skip-eager   # as an L4 would: its cap and `auto`s
     python -m bench.cold_start --profile DIR        # each hit also under cProfile: DIR/hit-N.prof and .prof.txt
+    python -m bench.cold_start --compare-hit lora2  # one more hit with LoRA on, which the cache key leaves out
 
 Each state runs in its own process with its own empty TorchInductor directory; "hit" restores
 only what the cache backend saved during "miss". Prints one JSON line per state, then a summary
@@ -49,6 +50,9 @@ def summary(results: dict[str, dict], backend: str) -> dict:
         "cache_bytes": results["miss"].get("cache_bytes"),
         "archive_bytes": results["miss"].get("archive_bytes"),
         "hit_added_to_load_s": results["hit"]["added_to_load_s"],
+        "hits_added_to_load_s": {
+            f"{hit.get('config', 'hit')}-{i}": hit["added_to_load_s"] for i, hit in enumerate(results["hits"])
+        },
         "miss_added_to_load_s": results["miss"]["added_to_load_s"],
     }
     # A hit's first request at each size against the miss's, which ran with every kernel long loaded: the largest
@@ -90,6 +94,12 @@ def main() -> None:
         choices=sorted(CARD_PROFILES),
         help="stand in for this card: its memory cap, and what each `auto` picks on it (before --config)",
     )
+    parser.add_argument(
+        "--compare-hit",
+        metavar="CONFIG",
+        help="one more hit with this configuration over --config, for settings the cache key leaves out (lora2): "
+        "what they add to a hit, and whether it still serves the miss's bytes",
+    )
     parser.add_argument("--profile", type=Path, help="a directory: profile each hit there with cProfile")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
@@ -127,6 +137,11 @@ def main() -> None:
             hits.append(run_state("hit", workdir, backend_env, backend, replica, args.every_size, profile))
             print(json.dumps(hits[-1]), flush=True)
         results["hit"], results["hits"] = hits[0], hits
+        if args.compare_hit:
+            compare_env = {**backend_env, **config_env(args.compare_hit)}
+            hits.append(run_state("hit", workdir, compare_env, backend, args.hits, args.every_size))
+            hits[-1]["config"] = args.compare_hit
+            print(json.dumps(hits[-1]), flush=True)
         for state in MEGA_STATES if args.mega and backend == "local" else ():
             results[state] = run_state(state, workdir, backend_env, backend)
             print(json.dumps(results[state]), flush=True)
