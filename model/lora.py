@@ -129,7 +129,7 @@ class LoraMerger:
         home = _pristine_home(next(iter(self._modules.values())).weight.device, pristine_bytes)
         with torch.no_grad():
             self._pristine = {
-                name: {part: t.detach().to(home, copy=True) for part, t in _parts(m.weight).items()}
+                name: {part: _copy(t, home) for part, t in _parts(m.weight).items()}
                 for name, m in self._modules.items()
             }
         # Identities and scales of the adapters merged now, in order; None while the weights are not known.
@@ -180,7 +180,7 @@ class LoraMerger:
     def _restore(self, name: str) -> None:
         live = _parts(self._modules[name].weight)
         for part, tensor in self._pristine[name].items():
-            live[part].copy_(tensor)
+            live[part].copy_(tensor, non_blocking=True)
 
     @torch.no_grad()
     def _merge(self, name: str, deltas: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float]]) -> None:
@@ -204,6 +204,11 @@ class LoraMerger:
         live, fresh = _parts(weight), _parts(scratch.weight)
         for part, tensor in live.items():
             tensor.copy_(fresh[part])
+
+
+def _copy(tensor: torch.Tensor, home: torch.device) -> torch.Tensor:
+    copy = tensor.detach().to(home, copy=True)
+    return _host(copy) if home.type == "cpu" else copy
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
@@ -237,9 +242,17 @@ GPU_RESERVE_BYTES = 8 * 2**30
 def _pristine_home(device: torch.device, nbytes: int) -> torch.device:
     """The GPU where the pristine weights fit with room to serve (a restore then copies at the GPU's bandwidth), else
     host memory."""
-    if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] >= nbytes + GPU_RESERVE_BYTES:
+    if device.type == "cuda" and _free_gpu_bytes(device) >= nbytes + GPU_RESERVE_BYTES:
         return device
     return torch.device("cpu")
+
+
+def _free_gpu_bytes(device: torch.device) -> int:
+    """What this process may still take of the GPU: the device's free memory, within a per-process memory fraction
+    where one is set (a smaller card stood in for)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allowed = int(total * torch.cuda.get_per_process_memory_fraction(device)) - torch.cuda.memory_reserved(device)
+    return min(free, allowed)
 
 
 def network_alphas(alphas: Mapping[str, torch.Tensor | float] | None) -> dict[str, float]:
