@@ -135,11 +135,9 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=MAX_LORAS,
-        description="LoRA adapters a request may apply; 0 is off, and slots cost every request",
+        description="LoRA adapters a request may apply; 0 is off, and on keeps a copy of the weights",
     )
-    max_lora_rank: int = Field(
-        64, ge=1, le=512, description="the largest adapter rank; 16, 32 and 64 measured the same p50"
-    )
+    max_lora_rank: int = Field(64, ge=1, le=512, description="the largest adapter rank; it caps a download's size")
     lora_presets: dict[str, str] = Field(
         default_factory=dict, description="names for adapters' URLs or Hugging Face references"
     )
