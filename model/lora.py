@@ -110,7 +110,7 @@ def prepare(
         up_scaled = up.to(torch.float32) * (alpha / rank)
         if not (torch.isfinite(down).all() and torch.isfinite(up_scaled).all()):
             raise AdapterError(f"layer {name!r} holds values that are not finite")
-        prepared[name] = (_host(down.to(dtype)), _host(up_scaled.to(dtype)))
+        prepared[name] = (_host_copy(down, dtype), _host_copy(up_scaled, dtype))
     return PreparedAdapter(prepared, largest)
 
 
@@ -129,7 +129,10 @@ class LoraMerger:
         home = _pristine_home(next(iter(self._modules.values())).weight.device, pristine_bytes)
         with torch.no_grad():
             self._pristine = {
-                name: {part: _copy(t, home) for part, t in _parts(m.weight).items()}
+                name: {
+                    part: _host_copy(t) if home.type == "cpu" else t.detach().clone()
+                    for part, t in _parts(m.weight).items()
+                }
                 for name, m in self._modules.items()
             }
         # Identities and scales of the adapters merged now, in order; None while the weights are not known.
@@ -206,16 +209,11 @@ class LoraMerger:
             tensor.copy_(fresh[part])
 
 
-def _copy(tensor: torch.Tensor, home: torch.device) -> torch.Tensor:
-    copy = tensor.detach().to(home, copy=True)
-    return _host(copy) if home.type == "cpu" else copy
-
-
-def _host(tensor: torch.Tensor) -> torch.Tensor:
-    """A prepared tensor as it waits in host memory: page-locked where there is a GPU, which copies it at full speed
-    and without a host sync."""
-    tensor = tensor.contiguous()
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+def _host_copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous copy in host memory, written once: page-locked where there is a GPU, which copies it back at
+    full speed and without a host sync."""
+    copy = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, pin_memory=torch.cuda.is_available())
+    return copy.copy_(tensor)
 
 
 def _is_subclass(weight: torch.Tensor) -> bool:
