@@ -326,9 +326,11 @@ def child(
 def lora_figures(model: object, request: object, workdir: Path, rank: int, runs: int) -> dict:
     """With LoRA on: what a swap costs and p50 with adapters, for adapters of `rank` on every layer, served from
     loopback. A swap is timed to the GPU's end: an adapter new to the replica (fetched, checked, prepared, then
-    merged into the weights), one read again from the local disk, and one from its host copy."""
+    merged into the weights), one read again from the local disk, and one from its host copy. Also what all of it
+    compiled or ran eagerly, which must be nothing."""
     import torch
 
+    from model.coldstart import CompileCounters
     from model.schema import LoraRequest
     from tests.harness import NO_BODY
     from tests.lora_files import peft_state_dict, write
@@ -355,6 +357,7 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
         lora.apply([(sha, prepared, 1.0)])
 
     out: dict = {"rank": rank, "file_mb": round((directory / names[0]).stat().st_size / 2**20, 1)}
+    before = CompileCounters.now()
     with serving(directory) as (base, _):
         urls = [f"{base}/files/{name}" for name in names]
         out["swap_new_adapter_s"] = round(timed(lambda: swap(urls[2])), 3)
@@ -376,6 +379,9 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
         ]
         times = [timed(lambda body=body: model.predict(body, NO_BODY)) for body in alternating]  # type: ignore[attr-defined]
         out["p50_another_adapter_every_request_s"] = round(statistics.median(times), 4)
+    compiled = CompileCounters.now() - before
+    out["functions_compiled"] = compiled.graphs + compiled.precompiled
+    out["calls_run_eagerly"] = compiled.eager_calls
     return out
 
 
