@@ -187,26 +187,64 @@ class LoraMerger:
 
     @torch.no_grad()
     def _merge(self, name: str, deltas: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float]]) -> None:
-        """The layer's pristine weight (just restored) plus every delta, in fp32, rounded once to the weight's dtype
-        and, for a quantized weight, quantized again as load() quantized it."""
+        """The layer's pristine weight (just restored) plus every delta, in fp32, rounded once to the weight's dtype;
+        a quantized weight is dequantized first and quantized again by load()'s rule."""
         module = self._modules[name]
         weight = module.weight
-        quantized = _is_subclass(weight)
-        total = (weight.dequantize() if quantized else weight).to(torch.float32)
+        parts = _parts(weight)
+        rowwise_fp8 = _rowwise_fp8(parts, module.out_features)
+        if rowwise_fp8:
+            total = parts["qdata"].to(torch.float32).mul_(parts["scale"])
+        else:
+            total = (weight.dequantize() if _is_subclass(weight) else weight).to(torch.float32)
         for (down, up), scale in deltas:
             on_device = [t.to(total.device, non_blocking=True).to(torch.float32) for t in (up, down)]
             total.addmm_(*on_device, alpha=scale)
-        if not quantized:
+        if rowwise_fp8:
+            _quantize_rowwise_fp8(total, parts["qdata"], parts["scale"])
+        elif not _is_subclass(weight):
             weight.copy_(total)
-            return
+        else:
+            self._requantize_through_hook(name, total, parts)
+
+    def _requantize_through_hook(self, name: str, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        """Quantize `total` again the way load() quantized the layer, through load()'s own hook (int8's weights)."""
         if self._requantize is None:
             raise AdapterError(f"layer {name!r} holds quantized weights this deployment cannot quantize again")
+        module = self._modules[name]
         scratch = torch.nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
         scratch.weight = torch.nn.Parameter(total.to(self.dtype), requires_grad=False)
         self._requantize(scratch)
-        live, fresh = _parts(weight), _parts(scratch.weight)
-        for part, tensor in live.items():
+        fresh = _parts(scratch.weight)
+        for part, tensor in parts.items():
             tensor.copy_(fresh[part])
+
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def _rowwise_fp8(parts: Mapping[str, torch.Tensor], out_features: int) -> bool:
+    """Whether a weight is load()'s fp8: float8 values and one float32 scale per output row (torchao's PerRow)."""
+    return (
+        parts.keys() == {"qdata", "scale"}
+        and parts["qdata"].dtype == torch.float8_e4m3fn
+        and parts["scale"].dtype == torch.float32
+        and parts["scale"].shape == (out_features, 1)
+    )
+
+
+def _quantize_rowwise_fp8(total: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> None:
+    """Write fp32 `total` into a per-row fp8 weight in place, by torchao's rule for PerRow weights (scale = the
+    row's largest magnitude / the format's largest value): torchao's bytes for the fp32 sum (tests/test_lora.py).
+    Here rather than through torchao's quantize_ on a scratch layer: that rounds the sum to bf16 first and takes six
+    elementwise passes and a module's set-up per layer, the bulk of an fp8 swap's time (BENCHMARKS.md)."""
+    # The infinity norm reads each row once; abs().amax() would write a full-size copy first. A row of zeros keeps
+    # a tiny scale instead of dividing 0 by 0.
+    row_max = torch.linalg.vector_norm(total, ord=math.inf, dim=1, keepdim=True)
+    new_scale = row_max.clamp_(min=torch.finfo(torch.float32).tiny).div_(FP8_MAX)
+    # |total / new_scale| <= FP8_MAX within fp32 rounding, which the cast's round-to-nearest brings back to FP8_MAX.
+    qdata.copy_(total.div_(new_scale))
+    scale.copy_(new_scale)
 
 
 def _host_copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -312,9 +312,9 @@ def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
 
 
 def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Adapters merge into torchao's fp8 weights (quantized again), swapping compiles nothing, and clearing gives
-    back the pristine fp8 weights bit for bit."""
-    from torchao.quantization import quant_api
+    """Adapters merge into torchao's fp8 weights, quantized again by torchao's own rule from the fp32 sum, swapping
+    compiles nothing, and clearing gives back the pristine fp8 weights bit for bit."""
+    from torchao.quantization import Float8Tensor, PerRow, quant_api
 
     from model.optimize import block_hook
 
@@ -333,8 +333,13 @@ def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.
     compile_pipeline(pipe, CompileSettings(vae=False), 1, CompileArtifacts(tmp_path, "fp8"))
     plain = _transformer_output(transformer)
     torch.compiler.set_stance("fail_on_recompile")
-    lora.apply([("a", adapter, 1.0)])
+    lora.apply([("a", adapter, 0.7)])
     assert type(weight).__name__ == "Float8Tensor" and not torch.equal(weight.qdata, pristine[0])
+    down, up = adapter.layers["transformer_blocks.0.attn.to_q"]
+    fp32_sum = (pristine[0].float() * pristine[1]).addmm(up.float(), down.float(), alpha=0.7)
+    expected = Float8Tensor.from_hp(fp32_sum, granularity=PerRow())
+    assert torch.equal(weight.qdata.view(torch.uint8), expected.qdata.view(torch.uint8))
+    assert torch.equal(weight.scale, expected.scale)
     adapted = _transformer_output(transformer)
     lora.apply([])
     assert not torch.equal(adapted, plain)
