@@ -123,6 +123,13 @@ def _bad_files(root: Path, layers: dict) -> None:
         root / "text.safetensors",
         {**state, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 8)},
     )
+    write(root / "nan.safetensors", {**state, key: torch.full_like(state[key], float("nan"))})
+    layer, up = key.removesuffix(".lora_A.weight"), key.replace("lora_A", "lora_B")
+    # Finite values, but alpha / rank x up is past float32's range (3.4e38).
+    write(
+        root / "alpha.safetensors",
+        {**state, up: torch.full_like(state[up], 100.0), f"{layer}.alpha": torch.tensor(1e38)},
+    )
     (root / "junk.safetensors").write_bytes(b"<html>not a file</html>")
     save_file({"x": torch.zeros(2, dtype=torch.int64)}, str(root / "ints.safetensors"))
 
@@ -137,6 +144,8 @@ def _bad_files(root: Path, layers: dict) -> None:
         ("shape.safetensors", "loras[0]", "shapes"),
         ("rank.safetensors", "loras[0]", f"rank is {RANK * 2}, above this deployment's max_lora_rank of {RANK}"),
         ("text.safetensors", "loras[0]", "text encoders"),
+        ("nan.safetensors", "loras[0]", "not finite"),
+        ("alpha.safetensors", "loras[0]", "not finite"),
     ],
 )
 def test_a_bad_adapter_is_refused_by_field_and_leaves_clean_weights(
@@ -335,8 +344,8 @@ def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.
     torch.compiler.set_stance("fail_on_recompile")
     lora.apply([("a", adapter, 0.7)])
     assert type(weight).__name__ == "Float8Tensor" and not torch.equal(weight.qdata, pristine[0])
-    down, up = adapter.layers["transformer_blocks.0.attn.to_q"]
-    fp32_sum = (pristine[0].float() * pristine[1]).addmm(up.float(), down.float(), alpha=0.7)
+    down, up, ratio = adapter.layers["transformer_blocks.0.attn.to_q"]
+    fp32_sum = (pristine[0].float() * pristine[1]).addmm(up.float(), down.float(), alpha=0.7 * ratio)
     expected = Float8Tensor.from_hp(fp32_sum, granularity=PerRow())
     assert torch.equal(weight.qdata.view(torch.uint8), expected.qdata.view(torch.uint8))
     assert torch.equal(weight.scale, expected.scale)
