@@ -97,3 +97,22 @@ def test_a_smaller_card_serves_every_shape_within_its_headroom(card: str) -> Non
         assert result["peak_reserved_gib"] <= limit, (name, result["peak_reserved_gib"], limit)
     assert results["default"]["compiled"] and results["default"]["eager_fallback"] is None
     assert not results["uncompiled"]["compiled"]
+
+
+@pytest.mark.parametrize("shape", [(3072, 3072), (12288, 3072), (3072, 15360)])  # FLUX's linear layers' shapes
+def test_an_fp8_merge_quantizes_as_torchao_does_on_the_gpu(shape: tuple[int, int]) -> None:
+    """LoRA's fp8 merge quantizes per row with its own kernels: on the GPU too, the bytes are torchao's for the same
+    fp32 weight, outliers included, and nothing rounds past fp8's range into NaN."""
+    from torchao.quantization import Float8Tensor, PerRow
+
+    from model.lora import _quantize_rowwise_fp8
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    weight = torch.randn(shape, device="cuda", generator=generator) * 0.02
+    weight[:, 0] *= 50
+    expected = Float8Tensor.from_hp(weight, granularity=PerRow())
+    qdata, scale = torch.empty_like(expected.qdata), torch.empty_like(expected.scale)
+    _quantize_rowwise_fp8(weight.clone(), qdata, scale)
+    assert torch.equal(qdata.view(torch.uint8), expected.qdata.view(torch.uint8))
+    assert torch.equal(scale, expected.scale)
+    assert not qdata.float().isnan().any()
