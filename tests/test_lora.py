@@ -354,3 +354,31 @@ def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.
     assert not torch.equal(adapted, plain)
     assert torch.equal(weight.qdata, pristine[0]) and torch.equal(weight.scale, pristine[1])
     assert torch.equal(_transformer_output(transformer), plain)
+
+
+def test_int8_weights_take_adapters_and_clear_back_bit_for_bit() -> None:
+    """int8 (the A10G's precision) is quantized again through load()'s own torchao call: the merged weight is the
+    fp32 sum within int8's rounding, and clearing gives back the pristine int8 weights bit for bit."""
+    from model.optimize import block_hook
+
+    pipe = load_pipeline(Settings.from_sources(environ=TINY_EAGER), device="cpu")
+    transformer = pipe.transformer.to(torch.bfloat16)
+    quantize = block_hook("int8")
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        quantize(block)
+    lora = LoraMerger(transformer, 1, quantize)
+    weight = transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ == "Int8Tensor"
+    pristine = weight.qdata.clone(), weight.scale.clone()
+    plain = _transformer_output(transformer)
+    adapter = prepare(peft_state_dict(lora.layers, 4, seed=12), None, lora.layers, RANK, lora.dtype)
+    down, up, ratio = adapter.layers["transformer_blocks.0.attn.to_q"]
+    fp32_sum = weight.dequantize().float().addmm(up.float(), down.float(), alpha=0.7 * ratio)
+    lora.apply([("a", adapter, 0.7)])
+    error = (weight.dequantize().float() - fp32_sum).abs()
+    row_step = weight.scale.float().reshape(-1, 1)
+    assert (error <= 0.5 * row_step + fp32_sum.abs() / 2**7).all()  # half an int8 step, and bf16's rounding
+    assert not torch.equal(_transformer_output(transformer), plain)
+    lora.apply([])
+    assert torch.equal(weight.qdata, pristine[0]) and torch.equal(weight.scale, pristine[1])
+    assert torch.equal(_transformer_output(transformer), plain)
