@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxPipeline
 from safetensors.torch import save_file
 
 from model import adapters as adapters_module
@@ -18,7 +19,7 @@ from model.adapters import AdapterStore
 from model.artifacts import CompileArtifacts
 from model.compile import compile_pipeline
 from model.engine import FluxEngine, InvalidRequest
-from model.lora import LoraMerger, prepare
+from model.lora import LoraMerger, PreparedAdapter, prepare
 from model.pipeline import load_pipeline
 from model.resolutions import ResolutionRegistry
 from model.schema import GenerateRequest
@@ -320,25 +321,32 @@ def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
     )[0]
 
 
+def _quantized(precision: str) -> tuple[FluxPipeline, LoraMerger, torch.Tensor, PreparedAdapter]:
+    """The tiny pipeline with its transformer's blocks quantized as load() quantizes them, its merger, the first
+    block's query weight, and a rank-4 adapter on every double block."""
+    from model.optimize import block_hook
+
+    pipe = load_pipeline(Settings.from_sources(environ=TINY_EAGER), device="cpu")
+    transformer = pipe.transformer.to(torch.bfloat16)
+    quantize = block_hook(precision)
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        quantize(block)
+    lora = LoraMerger(transformer, 1, quantize)
+    adapter = prepare(peft_state_dict(lora.layers, 4, seed=12), None, lora.layers, RANK, lora.dtype)
+    return pipe, lora, transformer.transformer_blocks[0].attn.to_q.weight, adapter
+
+
 def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Adapters merge into torchao's fp8 weights, quantized again by torchao's own rule from the fp32 sum, swapping
     compiles nothing, and clearing gives back the pristine fp8 weights bit for bit."""
     from torchao.quantization import Float8Tensor, PerRow, quant_api
 
-    from model.optimize import block_hook
-
     # torchao refuses every CPU; a CPU runs fp8 matmuls, slowly, which is enough here.
     monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
-    pipe = load_pipeline(Settings.from_sources(environ=TINY_EAGER), device="cpu")
-    transformer = pipe.transformer.to(torch.bfloat16)
-    quantize = block_hook("fp8")
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        quantize(block)
-    lora = LoraMerger(transformer, 1, quantize)
-    weight = transformer.transformer_blocks[0].attn.to_q.weight
+    pipe, lora, weight, adapter = _quantized("fp8")
+    transformer = pipe.transformer
     assert type(weight).__name__ == "Float8Tensor"
     pristine = weight.qdata.clone(), weight.scale.clone()
-    adapter = prepare(peft_state_dict(lora.layers, 4, seed=12), None, lora.layers, RANK, lora.dtype)
     compile_pipeline(pipe, CompileSettings(vae=False), 1, CompileArtifacts(tmp_path, "fp8"))
     plain = _transformer_output(transformer)
     torch.compiler.set_stance("fail_on_recompile")
@@ -359,19 +367,11 @@ def test_fp8_weights_take_adapters_compiled(tmp_path: Path, monkeypatch: pytest.
 def test_int8_weights_take_adapters_and_clear_back_bit_for_bit() -> None:
     """int8 (the A10G's precision) is quantized again through load()'s own torchao call: the merged weight is the
     fp32 sum within int8's rounding, and clearing gives back the pristine int8 weights bit for bit."""
-    from model.optimize import block_hook
-
-    pipe = load_pipeline(Settings.from_sources(environ=TINY_EAGER), device="cpu")
-    transformer = pipe.transformer.to(torch.bfloat16)
-    quantize = block_hook("int8")
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        quantize(block)
-    lora = LoraMerger(transformer, 1, quantize)
-    weight = transformer.transformer_blocks[0].attn.to_q.weight
+    pipe, lora, weight, adapter = _quantized("int8")
+    transformer = pipe.transformer
     assert type(weight).__name__ == "Int8Tensor"
     pristine = weight.qdata.clone(), weight.scale.clone()
     plain = _transformer_output(transformer)
-    adapter = prepare(peft_state_dict(lora.layers, 4, seed=12), None, lora.layers, RANK, lora.dtype)
     down, up, ratio = adapter.layers["transformer_blocks.0.attn.to_q"]
     fp32_sum = weight.dequantize().float().addmm(up.float(), down.float(), alpha=0.7 * ratio)
     lora.apply([("a", adapter, 0.7)])
