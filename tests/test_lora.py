@@ -118,6 +118,7 @@ def _bad_files(root: Path, layers: dict) -> None:
     )
     state = peft_state_dict(layers, 4, seed=4)
     key = next(k for k in state if k.endswith("lora_A.weight"))
+    up, layer = key.replace("lora_A", "lora_B"), key.removesuffix(".lora_A.weight")
     write(root / "shape.safetensors", {**state, key: torch.ones(4, 3)})
     write(root / "rank.safetensors", peft_state_dict(layers, RANK * 2, seed=5))
     write(
@@ -125,7 +126,7 @@ def _bad_files(root: Path, layers: dict) -> None:
         {**state, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 8)},
     )
     write(root / "nan.safetensors", {**state, key: torch.full_like(state[key], float("nan"))})
-    layer, up = key.removesuffix(".lora_A.weight"), key.replace("lora_A", "lora_B")
+    write(root / "rank0.safetensors", {**state, key: state[key][:0], up: state[up][:, :0]})
     # Finite values, but alpha / rank x up is past float32's range (3.4e38).
     write(
         root / "alpha.safetensors",
@@ -146,6 +147,7 @@ def _bad_files(root: Path, layers: dict) -> None:
         ("rank.safetensors", "loras[0]", f"rank is {RANK * 2}, above this deployment's max_lora_rank of {RANK}"),
         ("text.safetensors", "loras[0]", "text encoders"),
         ("nan.safetensors", "loras[0]", "not finite"),
+        ("rank0.safetensors", "loras[0]", "shapes (0, "),
         ("alpha.safetensors", "loras[0]", "not finite"),
     ],
 )
