@@ -327,8 +327,7 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
     """With LoRA on: what a swap costs and p50 with adapters, for adapters of `rank` on every layer, served from
     loopback. A swap is timed to the GPU's end: an adapter new to the replica (fetched, checked, prepared, then
     merged into the weights), one read again from the local disk (`runs` times, with its parts), and one from its
-    host copy. Also what all of it
-    compiled or ran eagerly, which must be nothing."""
+    host copy. Also what all of it compiled or ran eagerly, which must be nothing."""
     import torch
 
     from model.coldstart import CompileCounters
@@ -364,7 +363,7 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
         out["swap_new_adapter_s"] = round(timed(lambda: swap(urls[2])), 3)
 
         def from_disk() -> tuple[float, float]:
-            """Read, check and prepare the adapter again, then merge it: as after a restart of the replica, its
+            """Read, check and prepare the adapter again, then merge it: as after its eviction from host memory, its
             file is on the local disk only, and the weights hold no adapter."""
             store._prepared.clear()
             lora.apply([])
@@ -373,8 +372,8 @@ def lora_figures(model: object, request: object, workdir: Path, rank: int, runs:
             read = time.perf_counter() - started
             return read, timed(lambda: lora.apply([(sha, prepared, 1.0)]))
 
-        # The first adapters after a start find no freed page-locked memory to reuse: this one is read while
-        # another stays in host memory.
+        # A replica's first downloads find no freed page-locked memory to reuse: this read stands in for them, with
+        # another adapter of its size kept in host memory meanwhile.
         held = store.get(urls[2])
         read, merge = from_disk()
         out["swap_from_local_disk_new_host_memory_s"] = {"read_and_prepare": round(read, 3), "merge": round(merge, 3)}
